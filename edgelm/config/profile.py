@@ -1,0 +1,86 @@
+"""Device profiles: where a bundle runs. One YAML file per device in device_profiles/.
+
+Code reads capabilities from these models (quantization.mode, export.static_shapes, ...), never a
+profile's name or provider string, so a new device is a new file, not new `if` statements."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgelm.config._yaml import load_yaml_model
+from edgelm.errors import ConfigError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportSettings(Frozen):
+    opset: int = Field(18, ge=18, le=23)
+    static_shapes: bool = False
+    parity_atol: float = Field(1e-3, gt=0, description="max |logits| difference ONNX fp32 vs PyTorch")
+
+
+class FusionSettings(Frozen):
+    enabled: bool = True
+    required: tuple[str, ...] = ()
+
+
+class NoQuantization(Frozen):
+    mode: Literal["none"]
+
+
+class StaticQDQ(Frozen):
+    mode: Literal["static-qdq"]
+    activation_dtype: Literal["uint8", "uint16"] = "uint8"
+    weight_dtype: Literal["int8", "uint8"] = "int8"
+    per_channel: bool = True
+    # 7-bit weights: u8 x s8 GEMMs on AVX2 without VNNI sum pairs in int16 and saturate on
+    # full-range int8 weights (measured here: wrong results, perplexity x20000); 7 bits cannot.
+    reduce_range: bool = False
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # Weight MatMuls kept in float, by PyTorch module path substring ("down_proj", "layers.0.").
+    keep_float: tuple[str, ...] = ()
+
+
+Quantization = Annotated[Union[NoQuantization, StaticQDQ], Field(discriminator="mode")]
+
+
+class SessionSettings(Frozen):
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    intra_op_threads: int = Field(0, ge=0)
+
+
+class DeviceProfile(Frozen):
+    name: str
+    description: str
+    provider: str
+    export: ExportSettings = ExportSettings()
+    fusions: FusionSettings = FusionSettings()
+    quantization: Quantization
+    session: SessionSettings = SessionSettings()
+
+
+def _builtin_dir() -> Path:
+    return Path(str(resources.files("edgelm.device_profiles")))
+
+
+def list_profiles() -> list[DeviceProfile]:
+    return [load_profile(p) for p in sorted(_builtin_dir().glob("*.yaml"))]
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """A built-in profile by name (`cpu-int8`) or any profile YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = _builtin_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(_builtin_dir().glob("*.yaml")))
+            raise ConfigError(f"unknown profile {str(name_or_path)!r}", hint=f"use one of: {known}, or a path to a .yaml profile")
+    elif not path.is_file():
+        raise ConfigError(f"{path}: profile file not found", hint="check the path, or use a built-in name (edgelm profiles)")
+    return load_yaml_model(path, DeviceProfile, "profile")

@@ -1,0 +1,1 @@
+"""Quality measurement shared by the build's quality check and `edgelm eval`."""

@@ -1,0 +1,36 @@
+"""Perplexity, greedy top-1 agreement and KL divergence of a bundle against a reference,
+both run through edgelm_runtime — the code apps run — on the same token windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
+            on_window: Callable[[int], None] = lambda i: None) -> dict[str, float]:
+    """`candidate`/`reference` expose logits(ids) -> (S, V). Next-token metrics over all windows."""
+    nll_c, nll_r, agree, kl, count = 0.0, 0.0, 0, 0.0, 0
+    for i, ids in enumerate(windows):
+        targets = np.asarray(ids[1:])
+        logp_c = _log_softmax(candidate.logits(ids)[:-1])
+        logp_r = _log_softmax(reference.logits(ids)[:-1])
+        rows = np.arange(len(targets))
+        nll_c -= logp_c[rows, targets].sum()
+        nll_r -= logp_r[rows, targets].sum()
+        agree += int((logp_c.argmax(-1) == logp_r.argmax(-1)).sum())
+        kl += float((np.exp(logp_r) * (logp_r - logp_c)).sum())
+        count += len(targets)
+        on_window(i + 1)
+    ppl, ref_ppl = float(np.exp(nll_c / count)), float(np.exp(nll_r / count))
+    return {"perplexity": round(ppl, 4), "reference_perplexity": round(ref_ppl, 4),
+            "perplexity_ratio": round(ppl / ref_ppl, 4), "top1_agreement": round(agree / count, 4),
+            "kl_divergence": round(kl / count, 5), "tokens": count}

@@ -1,0 +1,30 @@
+"""Run the stages in order: time each, report progress, turn unexpected failures into StageError."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from edgelm.errors import EdgelmError, StageError
+from edgelm.pipeline.stage import BuildState, Progress, Stage
+
+logger = logging.getLogger(__name__)
+
+
+def run_stages(stages: Sequence[Stage], state: BuildState, progress: Progress) -> BuildState:
+    for stage in stages:
+        start = time.perf_counter()
+        progress(stage.name, 0, None, stage.title)
+        try:
+            facts = stage.run(state, progress)
+        except EdgelmError:
+            raise
+        except (OSError, MemoryError) as exc:
+            raise StageError(stage.name, f"{type(exc).__name__}: {exc}",
+                             hint="check free disk space and memory, then rerun (--debug shows the traceback)") from exc
+        state.seconds[stage.name] = round(time.perf_counter() - start, 2)
+        state.facts[stage.name] = facts or {}
+        logger.info("%s done in %.1fs: %s", stage.name, state.seconds[stage.name], facts)
+        progress(stage.name, 1, 1, stage.title)
+    return state

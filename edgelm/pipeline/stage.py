@@ -1,0 +1,45 @@
+"""The Stage contract and the BuildState that stages read and extend.
+
+A stage does one job, records what it did in `state.facts[stage.name]` (these go into the
+manifest and the build summary) and checks its own effect, raising StageError when it did nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from edgelm.config.plan import BuildPlan
+
+# progress(stage_name, completed, total, message): total None = indeterminate
+Progress = Callable[[str, float, float | None, str], None]
+
+
+def no_progress(stage: str, completed: float, total: float | None, message: str) -> None:
+    return None
+
+
+@dataclass
+class BuildState:
+    plan: BuildPlan
+    work_dir: Path            # scratch files of this build (inside the workspace)
+    bundle_dir: Path          # what will be published
+    model: Any = None         # the PyTorch model (LoadModel)
+    tokenizer: Any = None     # transformers PreTrainedTokenizerFast (LoadModel)
+    chat_template: str | None = None
+    max_seq_len: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    reference_onnx: Path | None = None   # fp32 export: parity and quality reference
+    current_onnx: Path | None = None     # the graph the next stage transforms
+    reference_bundle: Path | None = None
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+    title: str
+
+    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        """Do the stage's job on `state`; return the facts to record (summary + manifest)."""
+        ...

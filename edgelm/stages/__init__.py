@@ -1,0 +1,1 @@
+"""One module per build stage. `PIPELINE` in edgelm.api lists them in order."""

@@ -1,0 +1,108 @@
+"""Calibration feeds for static quantization, streamed one at a time (bounded memory).
+
+Each sample gives one prefill feed (empty KV cache) and then `decode_steps` decode feeds with a
+growing KV cache, produced by the fp32 model continuing the sample greedily — so activation ranges
+cover both shapes the bundle runs, and the decode steps see the model's own distribution.
+Default samples are prompts shipped with edgelm (no download, nothing to install)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import ConfigError
+from edgelm.stages.export import io_names
+
+
+def builtin_prompts() -> list[str]:
+    text = resources.files("edgelm.data").joinpath("calibration_prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_calibration_file(path: Path) -> list[str]:
+    """A .txt file (one sample per line) or .jsonl (one object with a "text" field per line)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: calibration file not found", hint="pass an existing .txt or .jsonl file to --calibration")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"{path}: calibration file must be .txt or .jsonl", hint="one sample per line (.txt) or {\"text\": ...} per line (.jsonl)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: calibration file is not UTF-8 text", hint="re-encode it as UTF-8") from None
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+                line = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{path}:{number}: expected a JSON object with a \"text\" field",
+                                  hint='write one {"text": "..."} object per line') from None
+            if not isinstance(line, str):
+                raise ConfigError(f"{path}:{number}: \"text\" must be a string", hint='write one {"text": "..."} object per line')
+        samples.append(line.strip())
+    if not samples:
+        raise ConfigError(f"{path}: calibration file has no samples", hint="add at least one non-empty line")
+    return samples
+
+
+def calibration_texts(source: str, tokenizer: Any, chat_template: str | None, samples: int) -> list[str]:
+    """The texts to calibrate on: builtin prompts (half of them in the model's chat format)."""
+    if source != "builtin":
+        texts = read_calibration_file(Path(source))
+    else:
+        texts = []
+        for i, prompt in enumerate(builtin_prompts()):
+            if chat_template and i % 2 == 0:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)
+            texts.append(prompt)
+    return [texts[i % len(texts)] for i in range(samples)] if len(texts) < samples else texts[:samples]
+
+
+class CalibrationFeeds:
+    """onnxruntime CalibrationDataReader: get_next() -> feed dict, or None when done."""
+
+    def __init__(self, reference_onnx: Path, token_ids: list[list[int]], kv: tuple[int, int, int],
+                 decode_steps: int, on_feed: Callable[[int], None] = lambda n: None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(reference_onnx), options, providers=["CPUExecutionProvider"])
+        self._kv = kv
+        self._decode_steps = decode_steps
+        self._feeds = self._generate(token_ids)
+        self._on_feed = on_feed
+        self.count = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._feeds, None)
+        if feed is not None:
+            self.count += 1
+            self._on_feed(self.count)
+        return feed
+
+    def _generate(self, token_ids: list[list[int]]) -> Iterator[dict[str, np.ndarray]]:
+        num_layers, kv_heads, head_dim = self._kv
+        names, past_names, _, _ = io_names(num_layers)
+        for ids in token_ids:
+            past = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in past_names}
+            step = np.asarray([ids], np.int64)
+            for position in range(self._decode_steps + 1):
+                start = past[past_names[0]].shape[2]
+                feed = {names[0]: step, names[1]: np.ones((1, start + step.shape[1]), np.int64),
+                        names[2]: np.arange(start, start + step.shape[1], dtype=np.int64)[None], **past}
+                yield feed
+                if position == self._decode_steps:
+                    break
+                logits, *present = self._session.run(None, feed)
+                past = dict(zip(past_names, present))
+                step = np.asarray([[int(logits[0, -1].argmax())]], np.int64)

@@ -1,0 +1,50 @@
+"""Check the finished bundle against the unquantized fp32 export on held-out text.
+
+Both are loaded through edgelm_runtime — the code apps run — so what is measured is what ships.
+The fp32 export becomes a small reference bundle in the work folder (same tokenizer). Recipe
+gates (max_perplexity_ratio, min_top1_agreement) fail the build with the numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgelm.errors import ConfigError, QualityGateError
+from edgelm.eval.metrics import compare
+from edgelm.eval.text import fingerprint, load_eval_text, token_windows
+from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.package import assemble_bundle, session_options
+
+
+class CheckQuality:
+    name = "quality"
+    title = "Check quality vs fp32 reference (perplexity, top-1 agreement)"
+
+    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        import edgelm_runtime
+
+        settings = state.plan.quality
+        if settings.window_len > state.max_seq_len:
+            raise ConfigError(f"quality.window_len {settings.window_len} exceeds max_seq_len {state.max_seq_len}",
+                              hint=f"set quality.window_len to at most {state.max_seq_len}")
+        text = load_eval_text(settings.eval_text)
+        ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows = token_windows(ids, settings.windows, settings.window_len, settings.eval_text)
+        reference_dir = state.work_dir / "reference"
+        assemble_bundle(reference_dir, state.reference_onnx, state, f"{state.plan.name}-fp32-reference", "reference",
+                        "CPUExecutionProvider", session_options(state), provenance={})
+        state.reference_bundle = reference_dir
+        candidate = edgelm_runtime.load_bundle(state.bundle_dir)
+        reference = edgelm_runtime.load_bundle(reference_dir)
+        metrics = compare(candidate, reference, windows,
+                          on_window=lambda i: progress(self.name, i, len(windows), f"window {i}/{len(windows)}"))
+        metrics.update({"eval_text": settings.eval_text, "windows": settings.windows,
+                        "window_len": settings.window_len, "windows_sha256": fingerprint(windows)})
+        failures = []
+        if settings.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > settings.max_perplexity_ratio:
+            failures.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {settings.max_perplexity_ratio}")
+        if settings.min_top1_agreement is not None and metrics["top1_agreement"] < settings.min_top1_agreement:
+            failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {settings.min_top1_agreement}")
+        if failures:
+            raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures),
+                                   hint="no bundle was written; use a higher-precision profile or relax quality.* in the recipe")
+        return metrics

@@ -1,0 +1,97 @@
+"""Write the bundle: model.onnx (+ model.onnx.data), tokenizer.json, chat template, manifest.json.
+
+The manifest is written with the runtime's own classes (edgelm_runtime.bundle), so what the
+compiler writes is exactly what the runtime reads. Quality numbers and stage timings are added
+by `finalize_manifest` once every stage has run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.export import kv_shape
+from edgelm_runtime.bundle import KVLayout, Manifest, describe_files, read_manifest, write_manifest
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "templates/chat.jinja"
+_VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def eos_token_ids(state: BuildState) -> tuple[int, ...]:
+    ids = [state.tokenizer.eos_token_id]
+    generation = getattr(state.model, "generation_config", None)
+    configured = getattr(generation, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def save_model(onnx_path: Path, dest: Path) -> None:
+    """Copy an ONNX model with its weights into one external data file beside it."""
+    if onnx_path.parent.resolve() == dest.resolve() and onnx_path.name == MODEL_FILE:
+        return
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    onnx.save_model(model, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=MODEL_FILE + ".data", size_threshold=1024)
+
+
+def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, profile: str, provider: str,
+                    session_options: dict[str, Any], provenance: dict[str, Any]) -> Manifest:
+    dest.mkdir(parents=True, exist_ok=True)
+    save_model(onnx_path, dest)
+    state.tokenizer.backend_tokenizer.save(str(dest / TOKENIZER_FILE))
+    if state.chat_template:
+        (dest / CHAT_TEMPLATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (dest / CHAT_TEMPLATE_FILE).write_text(state.chat_template, encoding="utf-8")
+    num_layers, kv_heads, head_dim = kv_shape(state.model.config)
+    manifest = Manifest(
+        name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
+        chat_template_file=CHAT_TEMPLATE_FILE if state.chat_template else None,
+        kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32"),
+        max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
+        eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
+        session_options=session_options, provenance=provenance, files=describe_files(dest))
+    write_manifest(dest, manifest)
+    return manifest
+
+
+def session_options(state: BuildState) -> dict[str, Any]:
+    return state.plan.profile.session.model_dump()
+
+
+class Package:
+    name = "package"
+    title = "Package bundle (model, tokenizer, templates, manifest)"
+
+    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        profile = state.plan.profile
+        assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name, profile.provider,
+                        session_options(state), provenance={})
+        size = sum(p.stat().st_size for p in state.bundle_dir.rglob("*") if p.is_file())
+        return {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir())}
+
+
+def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
+    """Add provenance (plan, versions, source, every stage's facts and seconds) and quality."""
+    manifest = read_manifest(state.bundle_dir)
+    provenance = {"plan": state.plan.summary(), "source": state.source, "versions": versions(),
+                  "stages": {name: {"seconds": state.seconds.get(name), **facts} for name, facts in state.facts.items()}}
+    final = dataclasses.replace(manifest, quality=quality, provenance=provenance)
+    write_manifest(state.bundle_dir, final)
+    return final

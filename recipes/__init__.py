@@ -1,0 +1,1 @@
+"""Example recipes (YAML data, shipped in the wheel as edgelm.recipes)."""

@@ -1,0 +1,26 @@
+"""edgelm-runtime: run edgelm bundles with onnxruntime, tokenizers, numpy and jinja2 only.
+
+    import edgelm_runtime as er
+    llm = er.load_bundle("dist/smollm2-cpu-int8")
+    text = llm.generate("Once upon a time", temperature=0.7, top_p=0.9, seed=0, stop=["\\n\\n"])"""
+
+from edgelm_runtime.bundle import FORMAT_VERSION, Manifest, read_manifest, verify_bundle
+from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, TemplateError
+from edgelm_runtime.generate import GenerationStats
+from edgelm_runtime.model import LanguageModel, load_bundle
+from edgelm_runtime.sampling import SamplingParams
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BundleError",
+    "EdgelmRuntimeError",
+    "GenerationError",
+    "GenerationStats",
+    "LanguageModel",
+    "Manifest",
+    "SamplingParams",
+    "TemplateError",
+    "load_bundle",
+    "read_manifest",
+    "verify_bundle",
+]

@@ -1,0 +1,195 @@
+"""The bundle format: one folder, one `manifest.json` that says everything the runtime needs.
+
+This module is the single source of truth for the format. The compiler (`edgelm`) writes
+manifests with these classes, so writer and reader cannot drift. The runtime never guesses from
+the ONNX graph: names, KV layout, eos ids and defaults all come from here."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm_runtime.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+_UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """Graph input/output names. `{i}` in the KV names is the layer index."""
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    logits: str = "logits"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of each past/present tensor: (batch, num_kv_heads, seq, head_dim)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything in `manifest.json`. Unknown keys are rejected so typos do not pass silently."""
+
+    name: str
+    profile: str
+    provider: str
+    model_file: str
+    tokenizer_file: str
+    kv: KVLayout
+    max_seq_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    io: ModelIO = ModelIO()
+    bos_token: str | None = None
+    eos_token: str | None = None
+    chat_template_file: str | None = None
+    session_options: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationDefaults = GenerationDefaults()
+    quality: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = MANIFEST_FILE) -> Manifest:
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: expected a JSON object", hint="rebuild the bundle")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{source}: format_version is missing or not an integer",
+                              hint="rebuild the bundle with edgelm build")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{source}: format_version {version} is newer than this runtime reads ({FORMAT_VERSION})",
+                hint=_UPGRADE_HINT)
+        try:
+            fields = dict(data)
+            fields["kv"] = _build(KVLayout, fields["kv"], "kv")
+            fields["io"] = _build(ModelIO, fields.get("io", {}), "io")
+            fields["generation"] = _build(GenerationDefaults, fields.get("generation", {}), "generation")
+            fields["files"] = {p: _build(FileEntry, e, f"files.{p}") for p, e in fields.get("files", {}).items()}
+            fields["eos_token_ids"] = tuple(int(i) for i in fields["eos_token_ids"])
+            return _build(cls, fields, "")
+        except KeyError as missing:
+            raise BundleError(f"{source}: missing field {missing.args[0]}",
+                              hint="rebuild the bundle with edgelm build") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{source}: {exc}", hint="rebuild the bundle with edgelm build") from None
+
+
+def _build(kind: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise TypeError(f"{where or 'manifest'}: expected an object")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{(where + '.') if where else ''}{unknown[0]}: unknown field")
+    return kind(**values)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(folder: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file under `folder` except the manifest itself."""
+    entries = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST_FILE:
+            entries[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    return entries
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder", hint="build one with: edgelm build -o " + str(folder))
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder}: no {MANIFEST_FILE} in this folder",
+                          hint="point to a folder written by edgelm build")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})", hint="rebuild the bundle") from None
+    return Manifest.from_dict(data, source=str(path))
+
+
+def resolve_inside(folder: Path, relative: str, what: str) -> Path:
+    """Resolve a manifest path, refusing any that leaves the bundle folder."""
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):
+        raise BundleError(f"{folder / MANIFEST_FILE}: {what} {relative!r} leaves the bundle folder",
+                          hint="the manifest was tampered with; rebuild the bundle")
+    return target
+
+
+def verify_bundle(folder: str | Path, manifest: Manifest | None = None, check_hashes: bool = True) -> Manifest:
+    """Check every listed file exists inside the folder with its recorded size (and sha256)."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    for what, rel in (("model_file", manifest.model_file), ("tokenizer_file", manifest.tokenizer_file),
+                      ("chat_template_file", manifest.chat_template_file)):
+        if rel is not None and rel not in manifest.files:
+            raise BundleError(f"{folder / MANIFEST_FILE}: {what} {rel!r} is not listed in files",
+                              hint="rebuild the bundle")
+    for rel, entry in manifest.files.items():
+        path = resolve_inside(folder, rel, "file")
+        if not path.is_file():
+            raise BundleError(f"{folder}: {rel} is missing", hint="copy the whole bundle folder, or rebuild it")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"{folder}: {rel} is {size} bytes, manifest says {entry.size}",
+                              hint="the file is truncated or was replaced; copy the bundle again")
+        if check_hashes and sha256_file(path) != entry.sha256:
+            raise BundleError(f"{folder}: {rel} sha256 does not match the manifest",
+                              hint="the file is corrupt or was replaced; copy the bundle again")
+    return manifest

@@ -1,0 +1,119 @@
+"""The generation loop: one prefill run for the prompt, then one run per token on the KV cache.
+
+Also the two pieces that turn tokens into safe text: StopFilter cuts the output before the first
+stop string and, while streaming, holds back any tail that may still grow into one; and
+GenerationStats, the timings of the last generation (model runs and sampling only, not the
+caller's time between tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Literal
+
+import numpy as np
+
+from edgelm_runtime.errors import GenerationError
+from edgelm_runtime.sampling import Sampler
+from edgelm_runtime.session import DecoderSession
+
+FinishReason = Literal["eos", "max_new_tokens", "max_seq_len", "stopped"]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """generated_tokens excludes the eos token. finish_reason "stopped": a stop string matched or
+    the caller stopped reading."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_s: float
+    time_to_first_token_s: float
+    finish_reason: FinishReason
+
+
+def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
+                  eos_token_ids: Sequence[int], max_seq_len: int,
+                  report: Callable[[GenerationStats], None] | None = None) -> Iterator[int]:
+    """Yield new token ids (eos excluded) until eos, max_new_tokens or the context is full.
+
+    The sequence never exceeds max_seq_len tokens; `report` gets the stats when the loop ends,
+    also when the caller closes the iterator early."""
+    eos = frozenset(eos_token_ids)
+    start = perf_counter()
+    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None)
+    prefill_s = perf_counter() - start
+    seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
+    seen[np.asarray(prompt_ids)] = True
+    token = sampler.sample(logits[0, -1], seen)
+    first_token_s = perf_counter() - start
+    produced, decode_runs, decode_s, reason = 0, 0, 0.0, "stopped"
+    try:
+        while True:
+            if token in eos:
+                reason = "eos"
+                break
+            produced += 1
+            seen[token] = True
+            yield token
+            if produced >= max_new_tokens:
+                reason = "max_new_tokens"
+                break
+            if len(prompt_ids) + produced >= max_seq_len:
+                reason = "max_seq_len"
+                break
+            step = perf_counter()
+            logits, past = decoder.run(np.array([[token]], dtype=np.int64), past)
+            token = sampler.sample(logits[0, -1], seen)
+            decode_s += perf_counter() - step
+            decode_runs += 1
+    finally:
+        if report is not None:
+            report(GenerationStats(
+                prompt_tokens=len(prompt_ids), generated_tokens=produced, prefill_seconds=prefill_s,
+                decode_seconds=decode_s, decode_tokens_per_s=decode_runs / decode_s if decode_s > 0 else 0.0,
+                time_to_first_token_s=first_token_s, finish_reason=reason))
+
+
+class StopFilter:
+    """Passes text through until a stop string appears; never lets part of a stop string out."""
+
+    def __init__(self, stop: Sequence[str] | None) -> None:
+        stop = list(stop or [])
+        for index, text in enumerate(stop):
+            if not isinstance(text, str) or not text:
+                raise GenerationError(f"stop[{index}] is {text!r}; stop strings must be non-empty strings",
+                                      hint='pass e.g. stop=["\\n\\n"]')
+        self._stops = stop
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Text that is safe to emit now. After a stop string matched, `stopped` is True and
+        the text before it is the last piece."""
+        if self.stopped:
+            return ""
+        held = self._held + text
+        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._held = True, ""
+            return held[:cut]
+        keep = max((_overlap(held, s) for s in self._stops), default=0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+    def flush(self) -> str:
+        """At the end of the stream, the held-back tail (it never became a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0

@@ -1,0 +1,168 @@
+"""load_bundle() and LanguageModel: what apps call to generate text from a bundle.
+
+LanguageModel joins the pieces (decoder session, tokenizer, chat template, sampler, stop
+strings) and checks each request up front, so a bad request fails when it is made, not at the
+first token of a stream. Options left as None take the manifest's generation defaults."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm_runtime.bundle import Manifest, resolve_inside, verify_bundle
+from edgelm_runtime.errors import BundleError, GenerationError
+from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
+from edgelm_runtime.sampling import Sampler, SamplingParams
+from edgelm_runtime.session import DecoderSession, open_decoder
+from edgelm_runtime.templates import ChatTemplate
+from edgelm_runtime.tokenizer import BundleTokenizer
+
+logger = logging.getLogger(__name__)
+Messages = list[dict[str, Any]]
+
+
+def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None) -> LanguageModel:
+    """Open a bundle folder. File sizes are always checked; verify=True also checks every sha256.
+    `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default)."""
+    folder = Path(path)
+    manifest = verify_bundle(folder, check_hashes=verify)
+    tokenizer = BundleTokenizer.from_file(resolve_inside(folder, manifest.tokenizer_file, "tokenizer_file"))
+    if tokenizer.vocab_size > manifest.vocab_size:
+        raise BundleError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                          f"{manifest.vocab_size}", hint="the tokenizer belongs to another model; rebuild the bundle")
+    if manifest.chat_template_file is None:
+        logger.info("%s has no chat template; chat uses the built-in ChatML template", folder)
+        template = ChatTemplate.fallback(manifest.bos_token, manifest.eos_token)
+    else:
+        template = ChatTemplate.from_file(resolve_inside(folder, manifest.chat_template_file, "chat_template_file"),
+                                          manifest.bos_token, manifest.eos_token)
+    decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads)
+    return LanguageModel(folder, manifest, decoder, tokenizer, template)
+
+
+class LanguageModel:
+    """A loaded bundle. Not thread-safe: serve one request at a time per instance."""
+
+    def __init__(self, path: Path, manifest: Manifest, decoder: DecoderSession, tokenizer: BundleTokenizer,
+                 chat_template: ChatTemplate) -> None:
+        self._path = path
+        self._manifest = manifest
+        self._decoder = decoder
+        self._tokenizer = tokenizer
+        self._chat_template = chat_template
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def tokenizer(self) -> BundleTokenizer:
+        return self._tokenizer
+
+    def sampling_params(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        repetition_penalty: float | None = None, seed: int | None = None) -> SamplingParams:
+        """SamplingParams with the manifest's defaults for every option left as None."""
+        defaults = self._manifest.generation
+        return SamplingParams(
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+            repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+            seed=seed)
+
+    def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None) -> str:
+        return "".join(self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p,
+                                            repetition_penalty, seed, stop))
+
+    def generate_stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None,
+                        repetition_penalty: float | None = None, seed: int | None = None,
+                        stop: list[str] | None = None) -> Iterator[str]:
+        ids = self._tokenizer.encode(prompt, add_special_tokens=True)
+        sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        return self._stream_text(ids, max_new_tokens, sampling, stop)
+
+    def chat(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             seed: int | None = None, stop: list[str] | None = None) -> str:
+        return "".join(self.chat_stream(messages, max_new_tokens, temperature, top_k, top_p,
+                                        repetition_penalty, seed, stop))
+
+    def chat_stream(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                    seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+        # the template writes the special tokens (bos, role markers) itself
+        ids = self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
+        sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        return self._stream_text(ids, max_new_tokens, sampling, stop)
+
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        return self._chat_template.render(messages, add_generation_prompt)
+
+    def generate_tokens(self, input_ids: Sequence[int], max_new_tokens: int | None = None,
+                        sampling: SamplingParams | None = None) -> Iterator[int]:
+        """New token ids after `input_ids` (eos not included); sets `last_stats` when done."""
+        ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len - 1)
+        if max_new_tokens is None:
+            max_new_tokens = self._manifest.generation.max_new_tokens
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens is {max_new_tokens!r}; it must be a whole number > 0",
+                                  hint="pass max_new_tokens=64, say")
+        self.last_stats = None
+        return decode_tokens(self._decoder, ids, max_new_tokens, Sampler(sampling or self.sampling_params()),
+                             self._manifest.eos_token_ids, self._manifest.max_seq_len, self._record_stats)
+
+    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+        """Logits (S, V) float32 at every position of `input_ids`, from one prefill run."""
+        ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len)
+        logits, _ = self._decoder.run(np.asarray([ids], dtype=np.int64), None)
+        return logits[0]
+
+    def _record_stats(self, stats: GenerationStats) -> None:
+        self.last_stats = stats
+
+    def _check_prompt(self, input_ids: Sequence[int], limit: int) -> list[int]:
+        ids = [int(i) for i in input_ids]
+        if not ids:
+            raise GenerationError("the prompt is empty (0 tokens)", hint="pass at least one token of text")
+        if len(ids) > limit:
+            raise GenerationError(f"prompt is {len(ids)} tokens; the context is {self._manifest.max_seq_len}",
+                                  hint=f"shorten the prompt to at most {limit} tokens")
+        bad = [i for i in ids if not 0 <= i < self._manifest.vocab_size]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self._manifest.vocab_size - 1})",
+                                  hint="encode text with this bundle's tokenizer")
+        return ids
+
+    def _stream_text(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
+                     stop: list[str] | None) -> Iterator[str]:
+        stops = StopFilter(stop)  # checked now: a bad request fails before the stream starts
+        tokens = self.generate_tokens(ids, max_new_tokens, sampling)
+        return self._text_pieces(tokens, stops)
+
+    def _text_pieces(self, tokens: Iterator[int], stops: StopFilter) -> Iterator[str]:
+        detokenizer = self._tokenizer.incremental_decoder()
+        with closing(tokens):  # stopping early still ends the loop and records last_stats
+            for token in tokens:
+                piece = stops.push(detokenizer.push(token))
+                if stops.stopped:
+                    tokens.close()  # no more model runs, even if the caller never asks again
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    return
+            tail = stops.push(detokenizer.flush()) + stops.flush()
+            if tail:
+                yield tail

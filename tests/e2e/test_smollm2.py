@@ -1,0 +1,70 @@
+"""End to end on the real SmolLM2-135M-Instruct: build cpu-int8 with the CLI exactly as the
+README says (no --model), then generate and chat with the bundle through the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_int8_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "smollm2-int8"
+    result = subprocess.run(["edgelm", "build", "--profile", "cpu-int8", "-o", str(out)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "quality" in result.stdout and "total" in result.stdout  # the summary table
+    return out
+
+
+def test_manifest_has_parity_fusions_and_quality(real_int8_bundle):
+    manifest = json.loads((real_int8_bundle / "manifest.json").read_text())
+    stages = manifest["provenance"]["stages"]
+    assert max(stages["export"]["parity"]["max_abs_diff_no_past"], stages["export"]["parity"]["max_abs_diff_with_past"]) < 1e-2
+    assert stages["fuse"]["fused"]["SkipSimplifiedLayerNormalization"] == 60  # 30 layers x 2
+    assert stages["quantize"]["quantized_matmuls"] >= 210  # 30 layers x 7 weight MatMuls
+    quality = manifest["quality"]
+    assert 20 < quality["reference_perplexity"] < 40  # SmolLM2-135M on BBC tech prose
+    assert quality["perplexity_ratio"] < 3 and quality["top1_agreement"] > 0.5
+    assert manifest["provenance"]["source"]["format"] == "gguf"
+    size = sum(f["size"] for f in manifest["files"].values())
+    assert size < 300e6  # int8 weights: well under the 540 MB fp32 model
+
+
+def test_generate_cli_and_python_api(real_int8_bundle):
+    result = subprocess.run(["edgelm", "generate", str(real_int8_bundle), "The capital of France is",
+                             "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+    code = ("import edgelm_runtime as er, sys; "
+            f"print(er.load_bundle({str(real_int8_bundle)!r}).generate('The capital of France is', max_new_tokens=8)); "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'pydantic') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_multi_turn_chat(real_int8_bundle):
+    import edgelm_runtime as er
+
+    llm = er.load_bundle(real_int8_bundle, verify=True)
+    history = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    answer = llm.chat(history, max_new_tokens=16)
+    assert "Paris" in answer
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
+    pieces = list(llm.chat_stream(history, max_new_tokens=16))
+    assert "Berlin" in "".join(pieces)
+    assert llm.last_stats.generated_tokens > 0
+
+
+def test_chat_command(real_int8_bundle):
+    result = subprocess.run(["edgelm", "chat", str(real_int8_bundle), "-n", "16"], input="Say hello.\n/exit\n",
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    assert "bot>" in result.stdout and "tok/s" in result.stdout

@@ -1,0 +1,136 @@
+"""Generation: same tokens as transformers, reproducible sampling, clean streaming, stop rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import edgelm_runtime as er
+from edgelm_runtime.generate import StopFilter
+
+PROMPT = "Once upon a time"
+GREEDY = er.SamplingParams(temperature=0.0)
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 10.0])  # 10: the tiny model stops looping
+def test_greedy_tokens_equal_transformers(llm: er.LanguageModel, tiny_model_dir: Path,
+                                          repetition_penalty: float) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    ids = llm.tokenizer.encode(PROMPT)
+    eos = list(llm.manifest.eos_token_ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=16, repetition_penalty=repetition_penalty,
+                             eos_token_id=eos, pad_token_id=eos[0])
+    expected = out[0, len(ids):].tolist()
+    expected = expected[:next((i for i, t in enumerate(expected) if t in eos), len(expected))]
+    sampling = er.SamplingParams(temperature=0.0, repetition_penalty=repetition_penalty)
+    assert list(llm.generate_tokens(ids, 16, sampling)) == expected
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(llm: er.LanguageModel) -> None:
+    ids = llm.tokenizer.encode(PROMPT)
+
+    def sample(seed: int) -> list[int]:
+        return list(llm.generate_tokens(ids, 24, er.SamplingParams(temperature=1.0, seed=seed)))
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    assert llm.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3) == \
+        llm.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 1.0, "top_k": 40, "seed": 5}])
+def test_stream_pieces_join_to_the_generated_text(llm: er.LanguageModel, options: dict) -> None:
+    text = llm.generate(PROMPT, max_new_tokens=24, **options)
+    tokens = list(llm.generate_tokens(llm.tokenizer.encode(PROMPT), 24, llm.sampling_params(**options)))
+    assert "".join(llm.generate_stream(PROMPT, max_new_tokens=24, **options)) == text == llm.tokenizer.decode(tokens)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    assert "".join(llm.chat_stream(messages, max_new_tokens=24, **options)) == llm.chat(messages, max_new_tokens=24,
+                                                                                           **options)
+
+
+def test_output_is_cut_before_the_first_stop_string(llm: er.LanguageModel) -> None:
+    options = {"max_new_tokens": 32, "temperature": 1.0, "seed": 0}  # sampled: varied text, same every run
+    text = llm.generate(PROMPT, **options)
+    # two stop strings from the second half whose first occurrence is not at the very start
+    stops = [text[k:k + 2] for k in range(len(text) // 2, len(text) - 1) if text.find(text[k:k + 2]) > 0][:2]
+    assert stops, f"the tiny model should say something varied: {text!r}"
+    cut = min(text.find(s) for s in stops)
+    assert llm.generate(PROMPT, stop=stops, **options) == text[:cut]
+    pieces = list(llm.generate_stream(PROMPT, stop=stops, **options))
+    assert "".join(pieces) == text[:cut]
+    assert llm.last_stats is not None and llm.last_stats.finish_reason == "stopped"
+
+
+def test_streaming_never_yields_part_of_a_stop_string() -> None:
+    stops = StopFilter(["<END>"])
+    assert [stops.push(p) for p in ["Hello <", "E", "N", "D>!", "ignored"]] == ["Hello ", "", "", "", ""]
+    assert stops.stopped and stops.flush() == ""
+    stops = StopFilter(["<END>"])
+    assert [stops.push(p) for p in ["a <", "EN", "d"]] == ["a ", "", "<ENd"]
+    assert stops.push("<E") == "" and stops.flush() == "<E"  # no stop came: the tail is released
+
+
+def test_empty_stop_string_is_rejected(llm: er.LanguageModel) -> None:
+    with pytest.raises(er.GenerationError, match=r"stop\[0\]"):
+        llm.generate(PROMPT, stop=[""])
+
+
+def test_generation_stops_at_eos(llm: er.LanguageModel, bundle_copy: Path, edit_manifest: Callable) -> None:
+    ids = llm.tokenizer.encode(PROMPT)
+    varied = er.SamplingParams(temperature=0.0, repetition_penalty=10.0)  # greedy, but no loop on one token
+    tokens = list(llm.generate_tokens(ids, 8, varied))
+    eos = next(t for t in tokens if tokens.index(t) >= 2)  # pretend a later token is eos
+    edit_manifest(bundle_copy, lambda m: m.update(eos_token_ids=[eos]))
+    model = er.load_bundle(bundle_copy)
+    assert list(model.generate_tokens(ids, 8, varied)) == tokens[:tokens.index(eos)]
+    assert model.last_stats.finish_reason == "eos"
+
+
+def test_generation_stops_at_the_context_limit(llm: er.LanguageModel, bundle_copy: Path,
+                                               edit_manifest: Callable) -> None:
+    edit_manifest(bundle_copy, lambda m: m.update(eos_token_ids=[]))
+    model = er.load_bundle(bundle_copy)
+    context = model.manifest.max_seq_len
+    ids = (llm.tokenizer.encode(PROMPT * context))[:context - 3]
+    assert len(list(model.generate_tokens(ids, 10, GREEDY))) == 3
+    assert model.last_stats.finish_reason == "max_seq_len"
+
+
+def test_prompt_filling_the_context_is_refused(llm: er.LanguageModel) -> None:
+    context = llm.manifest.max_seq_len
+    with pytest.raises(er.GenerationError, match=f"prompt is {context} tokens; the context is {context}") as caught:
+        llm.generate_tokens([1] * context, 4, GREEDY)
+    assert caught.value.hint
+    with pytest.raises(er.GenerationError, match="the context is"):
+        llm.generate_stream(PROMPT * context)  # refused when asked, not at the first token
+    assert llm.logits([1] * context).shape[0] == context  # scoring may use the whole window
+
+
+@pytest.mark.parametrize(("option", "value"), [("temperature", -1.0), ("top_p", 0.0), ("top_p", 2.0),
+                                               ("top_k", -5), ("repetition_penalty", 0.0)])
+def test_invalid_sampling_option_names_the_field(llm: er.LanguageModel, option: str, value: float) -> None:
+    with pytest.raises(er.GenerationError, match=option):
+        llm.generate_stream(PROMPT, **{option: value})
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, -1])
+def test_max_new_tokens_must_be_positive(llm: er.LanguageModel, max_new_tokens: int) -> None:
+    with pytest.raises(er.GenerationError, match="max_new_tokens"):
+        llm.generate(PROMPT, max_new_tokens=max_new_tokens)
+
+
+def test_last_stats_describe_the_generation(llm: er.LanguageModel) -> None:
+    ids = llm.tokenizer.encode(PROMPT)
+    tokens = list(llm.generate_tokens(ids, 6, GREEDY))
+    stats = llm.last_stats
+    assert (stats.prompt_tokens, stats.generated_tokens) == (len(ids), len(tokens))
+    assert stats.time_to_first_token_s >= stats.prefill_seconds > 0
+    if len(tokens) == 6:
+        assert stats.finish_reason == "max_new_tokens" and stats.decode_tokens_per_s > 0

@@ -1,0 +1,86 @@
+"""The CLI's error paths: one `error:` line and a `hint:`, exit code 2, no traceback, no output left."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from edgelm.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _assert_clean_error(result, *fragments: str) -> None:
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[errors[0] + 1].startswith("hint: "), output
+    for fragment in fragments:
+        assert fragment in output
+
+
+def test_missing_model(tmp_path):
+    result = _run("build", "--profile", "cpu-fp32", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    _assert_clean_error(result, "model path does not exist")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edgelm-build-")]
+
+
+def test_bad_profile_field(tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("name: bad\ndescription: x\nprovider: CPUExecutionProvider\n"
+                       "quantization: {mode: static-qdq, per_channel: maybe}\n")
+    result = _run("build", "--profile", str(profile), "-o", str(tmp_path / "out"))
+    _assert_clean_error(result, "bad.yaml", "per_channel")
+
+
+def test_unknown_profile(tmp_path):
+    _assert_clean_error(_run("build", "--profile", "tpu-int2", "-o", str(tmp_path / "out")), "unknown profile", "cpu-int8")
+
+
+def test_existing_output_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_clean_error(_run("build", "-o", str(out)), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_is_a_file(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("x")
+    _assert_clean_error(_run("build", "-o", str(out), "--force"), "output path is a file")
+
+
+def test_missing_calibration_file_fails_before_anything_is_written(tiny_model_dir, tmp_path):
+    result = _run("build", "--model", str(tiny_model_dir), "--calibration", str(tmp_path / "none.txt"), "-o", str(tmp_path / "out"))
+    _assert_clean_error(result, "calibration file not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_on_a_folder_that_is_not_a_bundle(tmp_path):
+    _assert_clean_error(_run("generate", str(tmp_path), "hi"), "manifest.json")
+
+
+def test_profiles_lists_descriptions():
+    result = _run("profiles")
+    assert result.exit_code == 0 and "cpu-int8" in result.output and "static-qdq" in result.output
+
+
+def test_generate_and_inspect_on_tiny_bundle(tiny_bundle):
+    result = _run("generate", str(tiny_bundle), "The weather", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+    result = _run("inspect", str(tiny_bundle))
+    assert result.exit_code == 0 and "cpu-fp32" in result.output and "parity" in result.output
+
+
+def test_chat_session_through_stdin(tiny_bundle):
+    result = runner.invoke(app, ["chat", str(tiny_bundle), "-n", "4"], input="hello\n/reset\nagain\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("bot>") == 2 and "history cleared" in result.output

@@ -1,0 +1,77 @@
+"""Profiles, recipes and plans: valid files load, invalid ones name the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelm.config import Recipe, list_profiles, load_profile, load_recipe, resolve
+from edgelm.config.profile import StaticQDQ
+from edgelm.errors import ConfigError
+
+
+def test_builtin_profiles_load_with_their_capabilities():
+    profiles = {p.name: p for p in list_profiles()}
+    assert {"cpu-fp32", "cpu-int8"} <= set(profiles)
+    int8 = profiles["cpu-int8"].quantization
+    assert isinstance(int8, StaticQDQ) and int8.per_channel and int8.activation_dtype == "uint8"
+    assert profiles["cpu-fp32"].quantization.mode == "none"
+
+
+def test_profile_is_frozen():
+    profile = load_profile("cpu-int8")
+    with pytest.raises(Exception):
+        profile.provider = "CUDAExecutionProvider"
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_profile("cpu-int3")
+    assert "cpu-int3" in err.value.message and "cpu-int8" in err.value.hint
+
+
+def test_bad_profile_field_names_file_and_field(tmp_path):
+    text = (load_profile("cpu-int8").model_dump_json())
+    path = tmp_path / "mine.yaml"
+    path.write_text(text.replace('"activation_dtype":"uint8"', '"activation_dtype":"int4"'))
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(path) in err.value.message
+    assert "quantization.static-qdq.activation_dtype" in err.value.message and "int4" in err.value.message
+
+
+def test_unknown_profile_field_is_rejected(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("name: x\ndescription: y\nprovider: CPUExecutionProvider\nquantization: {mode: none}\nfusion: {}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: fusion: unknown field"):
+        load_profile(path)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nquantization: {mode: none\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+ YAML syntax error"):
+        load_profile(path)
+
+
+def test_recipe_out_of_range_value(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("calibration: {samples: 0}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: calibration.samples: .*greater than or equal to 1"):
+        load_recipe(path)
+
+
+def test_plan_makes_defaults_explicit_and_overrides_win(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: some/folder\ncalibration: {samples: 10}\nquality: {max_perplexity_ratio: 1.5}\n")
+    plan = resolve(load_recipe(path), load_profile("cpu-int8"), {"calibration.samples": 20, "model": None})
+    assert plan.model == "some/folder"
+    assert plan.calibration.samples == 20 and plan.calibration.decode_steps == 8
+    assert plan.quality.max_perplexity_ratio == 1.5
+    summary = plan.summary()
+    assert summary["profile"]["quantization"]["mode"] == "static-qdq"
+
+
+def test_invalid_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="calibration.samples"):
+        resolve(Recipe(), load_profile("cpu-int8"),
+                {"calibration.samples": -3})
