@@ -30,7 +30,8 @@ class BuildPlan(Frozen):
 
 def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | None = None,
             default_name: str | None = None) -> BuildPlan:
-    """Merge in order: defaults < recipe < overrides (dotted keys, e.g. "calibration.source")."""
+    """Merge in order: defaults < profile quality gates < recipe < overrides (dotted keys,
+    e.g. "calibration.source")."""
     data: dict[str, Any] = {
         "name": recipe.name or default_name or f"model-{profile.name}",
         "model": recipe.model or DEFAULT_MODEL,
@@ -39,6 +40,9 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         "calibration": recipe.calibration.model_dump(),
         "quality": recipe.quality.model_dump(),
     }
+    for gate, value in profile.quality.model_dump().items():
+        if data["quality"][gate] is None:
+            data["quality"][gate] = value
     for key, value in (overrides or {}).items():
         if value is None:
             continue

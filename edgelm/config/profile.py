@@ -55,6 +55,13 @@ class SessionSettings(Frozen):
     intra_op_threads: int = Field(0, ge=0)
 
 
+class QualityGates(Frozen):
+    """Default gates of builds for this device; a recipe's quality.* values take precedence."""
+
+    max_perplexity_ratio: float | None = Field(None, gt=1.0)
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class DeviceProfile(Frozen):
     name: str
     description: str
@@ -63,6 +70,7 @@ class DeviceProfile(Frozen):
     fusions: FusionSettings = FusionSettings()
     quantization: Quantization
     session: SessionSettings = SessionSettings()
+    quality: QualityGates = QualityGates()
 
 
 def _builtin_dir() -> Path:

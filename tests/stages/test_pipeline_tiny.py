@@ -47,7 +47,8 @@ def test_int8_bundle_is_quantized_smaller_and_close(tiny_int8_report, tiny_bundl
     ops = _op_counts(bundle)
     assert ops.get("DequantizeLinear", 0) > 0 and ops.get("QuantizeLinear", 0) > 0
     quantize = manifest.provenance["stages"]["quantize"]
-    assert quantize["quantized_matmuls"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    # 2 layers x (q, k, v, o, gate, up); down_proj is kept fp32 by the cpu-int8 profile
+    assert quantize["quantized_matmuls"] == 12 and quantize["kept_float"] == 2
     assert quantize["calibration_feeds"] == 6 * (1 + 3)  # every sample: one prefill + 3 decode steps
     size = (bundle / "model.onnx.data").stat().st_size
     assert size < (tiny_bundle / "model.onnx.data").stat().st_size

@@ -75,3 +75,25 @@ def test_invalid_override_is_a_config_error():
     with pytest.raises(ConfigError, match="calibration.samples"):
         resolve(Recipe(), load_profile("cpu-int8"),
                 {"calibration.samples": -3})
+
+
+def test_profile_quality_gates_apply_unless_the_recipe_sets_them(tmp_path):
+    profile = load_profile("cpu-int8")
+    plan = resolve(Recipe(), profile)
+    assert plan.quality.max_perplexity_ratio == profile.quality.max_perplexity_ratio is not None
+    path = tmp_path / "r.yaml"
+    path.write_text("quality: {max_perplexity_ratio: 2.0}\n")
+    plan = resolve(load_recipe(path), profile)
+    assert plan.quality.max_perplexity_ratio == 2.0
+    assert plan.quality.min_top1_agreement == profile.quality.min_top1_agreement
+
+
+def test_example_recipes_resolve():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        plan = resolve(recipe, load_profile(recipe.profile or "cpu-int8"))
+        assert plan.name and plan.profile.name
