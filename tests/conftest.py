@@ -84,3 +84,90 @@ def tiny_bundle(tiny_bundle_report) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int8_report(tiny_model_dir, tiny_recipe, tmp_path_factory):
     return _build(tiny_model_dir, tiny_recipe, "cpu-int8", tmp_path_factory.mktemp("bundles") / "tiny-int8")
+
+
+# Hugging Face Llama parameter name (after "model.layers.N.") -> llama.cpp's GGUF tensor name.
+_GGUF_LAYER_TENSORS = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def _permute_rows(weight, n_head: int, n_head_kv: int):
+    """convert_hf_to_gguf.py's LlamaModel.permute: HF's rotate-half q/k row order -> GGML's interleaved one."""
+    if n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return rows.swapaxes(1, 2).reshape(weight.shape)
+
+
+def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """Write the safetensors model in `model_dir` as one F32 GGUF file, laid out like llama.cpp's
+    convert_hf_to_gguf.py does for a Llama with a GPT-2 style (byte-level BPE) tokenizer."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    rope = config.get("rope_parameters") or {}
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(model_dir.name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+    # Vocabulary as convert_hf_to_gguf.py's _set_vocab_gpt2: tokens in id order, special added tokens CONTROL.
+    id_to_token = {index: token for token, index in tokenizer["model"]["vocab"].items()}
+    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
+    for added in tokenizer["added_tokens"]:
+        id_to_token[added["id"]] = added["content"]
+    tokens = [id_to_token[index] for index in range(config["vocab_size"])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
+                            for index in range(len(tokens))])
+    # merges, bos/eos/unk/pad ids and the chat template, read the way the converter reads them
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for layer in range(config["num_hidden_layers"]):
+        for hf_name, gguf_name in _GGUF_LAYER_TENSORS.items():
+            data = weights[f"model.layers.{layer}.{hf_name}"]
+            if gguf_name == "attn_q.weight":
+                data = _permute_rows(data, n_head, n_head)
+            elif gguf_name == "attn_k.weight":
+                data = _permute_rows(data, n_head, n_head_kv)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}", data)
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    if "lm_head.weight" in weights:  # absent when tied: the loader then ties output to token_embd
+        writer.add_tensor("output.weight", weights["lm_head.weight"])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as an F32 GGUF (llama.cpp's Llama layout, q/k rows permuted), alone in its folder
+    so transformers cannot pick up the safetensors folder's config or tokenizer files."""
+    return save_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf")

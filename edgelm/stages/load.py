@@ -11,6 +11,7 @@ import hashlib
 import io
 import importlib.util
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ class LoadModel:
             with contextlib.redirect_stderr(io.StringIO()):
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                              use_safetensors=gguf_file is None, **kwargs)
-                tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+                tokenizer = _load_tokenizer(AutoTokenizer, folder, gguf_file)
         except Exception as exc:
             raise ModelLoadError(f"{where}: cannot load weights or tokenizer ({_first_line(exc)})",
                                  hint="check that the files are complete; re-download or re-save the model") from exc
@@ -123,6 +124,17 @@ class LoadModel:
                         "parameters": params}
         return {"model": where.name, "format": state.source["format"], "model_type": config.model_type,
                 "parameters": params, "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
+
+
+def _load_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:
+    """The GGUF's own tokenizer, read from a folder holding only (a link to) the GGUF: given a
+    folder that also has a tokenizer.json, transformers silently takes that one and drops the
+    GGUF's chat template, bos and eos."""
+    if gguf_file is None:
+        return auto_tokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory(prefix="edgelm-gguf-") as isolated:
+        (Path(isolated) / gguf_file).symlink_to((folder / gguf_file).resolve())
+        return auto_tokenizer.from_pretrained(isolated, gguf_file=gguf_file)
 
 
 def _first_line(exc: Exception) -> str:
