@@ -68,12 +68,9 @@ def build(
     """Build a bundle: load -> export -> fuse -> quantize -> package -> quality check."""
     from edgelm import api
     from edgelm._render import BuildProgress, build_summary, quiet_libraries
-    from edgelm.pipeline.workspace import Workspace
 
     quiet_libraries()
     plan = api.plan_build(profile, recipe, model, name or output.name, _overrides(calibration, samples, max_seq_len))
-    Workspace(output, force=force).check_output()
-    api.preflight(plan)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with BuildProgress(console, api.PIPELINE) as progress:

@@ -21,10 +21,18 @@ def run_stages(stages: Sequence[Stage], state: BuildState, progress: Progress) -
         except EdgelmError:
             raise
         except (OSError, MemoryError) as exc:
-            raise StageError(stage.name, f"{type(exc).__name__}: {exc}",
+            raise StageError(stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
                              hint="check free disk space and memory, then rerun (--debug shows the traceback)") from exc
+        except Exception as exc:  # a library failed inside the stage: one line for the user, the rest with --debug
+            raise StageError(stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
+                             hint="rerun with --debug for the full traceback, and report it") from exc
         state.seconds[stage.name] = round(time.perf_counter() - start, 2)
         state.facts[stage.name] = facts or {}
         logger.info("%s done in %.1fs: %s", stage.name, state.seconds[stage.name], facts)
         progress(stage.name, 1, 1, stage.title)
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
