@@ -56,6 +56,25 @@ class BuildProgress:
                               note="" if done or message == self._titles.get(stage) else message)
 
 
+class StepProgress(BuildProgress):
+    """BuildProgress for free-form steps (edgelm eval): each new step name gets its own row."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console, ())
+
+
+def eval_table(result: dict[str, Any]) -> Table:
+    table = Table("metric", "bundle", "reference", title=f"edgelm eval: {result['bundle']} vs {result['reference']}")
+    table.add_row("perplexity", f"{result['perplexity']:.3f}", f"{result['reference_perplexity']:.3f}")
+    table.add_row("perplexity ratio", f"{result['perplexity_ratio']:.4f}", "1")
+    table.add_row("top-1 agreement", f"{result['top1_agreement']:.4f}", "1")
+    table.add_row("KL divergence (nats/token)", f"{result['kl_divergence']:.5f}", "0")
+    for name, task in result["tasks"].items():
+        table.add_row(f"{name} accuracy (n={task['n']})", f"{task['accuracy']:.3f}", f"{task['reference_accuracy']:.3f}")
+    table.caption = f"{result['tokens']} tokens in {result['windows']} windows of {result['window_len']}"
+    return table
+
+
 def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "load":
         return f"{facts['model']} ({facts['format']}, {facts['parameters'] / 1e6:.1f}M params)"

@@ -123,6 +123,36 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
         console.print(manifest_summary(manifest))
 
 
+@app.command("eval")
+@reports_errors
+def evaluate(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Bundle folder or model (default: the bundle's source model, fp32)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+    windows: int = typer.Option(8, "--windows", help="Perplexity windows."),
+    window_len: int = typer.Option(256, "--window-len", help="Tokens per window."),
+    eval_text: str = typer.Option("builtin", "--eval-text", help="Held-out .txt (default: BBC tech articles)."),
+    tasks: str = typer.Option("sentiment,topic", "--tasks", help="Comma-separated tasks, or '' for none."),
+    samples: int = typer.Option(100, "--samples", help="Examples per task (balanced over labels)."),
+    shots: str = typer.Option("0,3", "--shots", help="Comma-separated few-shot counts."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the task splits."),
+) -> None:
+    """Measure a bundle against a reference: perplexity, top-1 agreement, KL, zero/few-shot accuracy."""
+    from edgelm._render import StepProgress, eval_table, quiet_libraries
+    from edgelm.eval.evaluate import evaluate as run_eval
+
+    quiet_libraries()
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    shot_counts = [int(k) for k in shots.split(",") if k.strip()]
+    with StepProgress(err_console if as_json else console) as progress:
+        result = run_eval(bundle, reference, windows, window_len, eval_text, task_names, samples, shot_counts, seed,
+                          progress=progress.update)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console.print(eval_table(result))
+
+
 def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
               max_new_tokens: Optional[int], repetition_penalty: Optional[float]) -> dict[str, Any]:
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,

