@@ -88,6 +88,13 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
             return "none (fp32)"
         return (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
                 f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
+    if name == "smooth":
+        if "skipped" in facts:
+            return facts["skipped"]
+        ratio = f"max input outlier ratio {facts['max_outlier_ratio_before']}"
+        if "alpha" in facts:
+            return f"alpha {facts['alpha']}, {facts['smoothed_linears']} Linears, {ratio} -> {facts['max_outlier_ratio_after']}"
+        return f"off; {ratio}"
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":

@@ -14,6 +14,7 @@ from typing import Any
 from edgelm.config.plan import BuildPlan, resolve
 from edgelm.config.profile import load_profile
 from edgelm.config.recipe import Recipe, load_recipe
+from edgelm.errors import ConfigError
 from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
@@ -25,11 +26,12 @@ from edgelm.stages.calibration import read_calibration_file
 from edgelm.stages.load import LoadModel, locate_model
 from edgelm.stages.package import Package, finalize_manifest
 from edgelm.stages.quantize import Quantize
+from edgelm.stages.smooth import Smooth
 from edgelm_runtime.bundle import Manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
+PIPELINE = (LoadModel(), Smooth(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,21 @@ class BuildReport:
 
 
 def plan_build(profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
-               name: str | None = None, overrides: dict[str, Any] | None = None) -> BuildPlan:
-    """Resolve profile + recipe + options into a BuildPlan; --profile beats the recipe's profile."""
+               name: str | None = None, overrides: dict[str, Any] | None = None,
+               accuracy_budget: float | None = None) -> BuildPlan:
+    """Resolve profile + recipe + options into a BuildPlan; --profile beats the recipe's profile.
+
+    `accuracy_budget` (a perplexity ratio, e.g. 1.02) becomes the perplexity gate and turns on the
+    mixed-precision search, which keeps the fewest MatMuls in fp32 that meet it."""
     loaded = load_recipe(recipe) if recipe else Recipe()
-    chosen = profile or loaded.profile or "cpu-int8"
+    device = load_profile(profile or loaded.profile or "cpu-int8")
     merged = {"model": model, "name": name, **(overrides or {})}
-    return resolve(loaded, load_profile(chosen), merged)
+    if accuracy_budget is not None:
+        if device.quantization.mode != "static-qdq":
+            raise ConfigError(f"--accuracy-budget needs a static-qdq profile ({device.name} is {device.quantization.mode})",
+                              hint="use --profile cpu-int8, or leave out --accuracy-budget")
+        merged.update({"quality.max_perplexity_ratio": accuracy_budget, "profile.quantization.mixed_precision": "auto"})
+    return resolve(loaded, device, merged)
 
 
 def preflight(plan: BuildPlan) -> None:

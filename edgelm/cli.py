@@ -63,6 +63,7 @@ def build(
     samples: Optional[int] = typer.Option(None, "--calibration-samples", help="Number of calibration samples."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Context length of the bundle."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max perplexity ratio vs fp32; keeps the fewest MatMuls in fp32 that meet it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
 ) -> None:
     """Build a bundle: load -> export -> fuse -> quantize -> package -> quality check."""
@@ -70,7 +71,8 @@ def build(
     from edgelm._render import BuildProgress, build_summary, quiet_libraries
 
     quiet_libraries()
-    plan = api.plan_build(profile, recipe, model, name or output.name, _overrides(calibration, samples, max_seq_len))
+    plan = api.plan_build(profile, recipe, model, name or output.name, _overrides(calibration, samples, max_seq_len),
+                          accuracy_budget)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with BuildProgress(console, api.PIPELINE) as progress:
@@ -88,11 +90,12 @@ def plan(
     calibration: Optional[str] = typer.Option(None, "--calibration"),
     samples: Optional[int] = typer.Option(None, "--calibration-samples"),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget"),
 ) -> None:
     """Print the fully resolved build plan (every default explicit) without building."""
     from edgelm import api
 
-    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len))
+    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len), accuracy_budget)
     console.print_json(json.dumps(resolved.summary()))
 
 

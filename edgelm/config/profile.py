@@ -43,6 +43,10 @@ class StaticQDQ(Frozen):
     # full-range int8 weights (measured here: wrong results, perplexity x20000); 7 bits cannot.
     reduce_range: bool = False
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # SmoothQuant migration strength (0: none, 1: all into the weights); null turns it off.
+    smoothquant_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    # "auto": keep the fewest weight MatMuls in fp32 that meet the quality gates (needs a gate).
+    mixed_precision: Literal["off", "auto"] = "off"
     # Weight MatMuls kept in float, by PyTorch module path substring ("down_proj", "layers.0.").
     keep_float: tuple[str, ...] = ()
 
@@ -60,6 +64,7 @@ class QualityGates(Frozen):
 
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    max_kl_divergence: float | None = Field(None, gt=0.0)
 
 
 class DeviceProfile(Frozen):

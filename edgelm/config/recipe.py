@@ -31,6 +31,7 @@ class QualitySettings(Frozen):
     window_len: int = Field(256, ge=16)
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    max_kl_divergence: float | None = Field(None, gt=0.0)
 
 
 class Recipe(Frozen):

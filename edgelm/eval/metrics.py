@@ -31,6 +31,6 @@ def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
         count += len(targets)
         on_window(i + 1)
     ppl, ref_ppl = float(np.exp(nll_c / count)), float(np.exp(nll_r / count))
-    return {"perplexity": round(ppl, 4), "reference_perplexity": round(ref_ppl, 4),
-            "perplexity_ratio": round(ppl / ref_ppl, 4), "top1_agreement": round(agree / count, 4),
-            "kl_divergence": round(kl / count, 5), "tokens": count}
+    # unrounded: gates compare these exact values; tables round for people
+    return {"perplexity": ppl, "reference_perplexity": ref_ppl, "perplexity_ratio": ppl / ref_ppl,
+            "top1_agreement": agree / count, "kl_divergence": kl / count, "tokens": count}

@@ -32,6 +32,7 @@ class BuildState:
     reference_onnx: Path | None = None   # fp32 export: parity and quality reference
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None
+    activation_stats: dict[str, float] = field(default_factory=dict)  # module path -> input outlier ratio (Smooth)
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 

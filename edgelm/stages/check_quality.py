@@ -12,6 +12,7 @@ from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import fingerprint, load_eval_text, token_windows
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.mixed_precision import gate_failures
 from edgelm.stages.package import assemble_bundle, session_options
 
 
@@ -39,11 +40,7 @@ class CheckQuality:
                           on_window=lambda i: progress(self.name, i, len(windows), f"window {i}/{len(windows)}"))
         metrics.update({"eval_text": settings.eval_text, "windows": settings.windows,
                         "window_len": settings.window_len, "windows_sha256": fingerprint(windows)})
-        failures = []
-        if settings.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > settings.max_perplexity_ratio:
-            failures.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {settings.max_perplexity_ratio}")
-        if settings.min_top1_agreement is not None and metrics["top1_agreement"] < settings.min_top1_agreement:
-            failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {settings.min_top1_agreement}")
+        failures = gate_failures(metrics, settings)
         if failures:
             raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures),
                                    hint="no bundle was written; use a higher-precision profile or relax quality.* in the recipe")

@@ -114,6 +114,25 @@ def onnx_logits(path: Path, input_ids: np.ndarray, kv: tuple[int, int, int]) -> 
     return prefill[0], step[0]
 
 
+def session_logits(model: str | bytes, kv: tuple[int, int, int]) -> Any:
+    """A function ids -> logits (S, V) of one prefill through onnxruntime (path or serialized model)."""
+    import onnxruntime as ort
+
+    num_layers, kv_heads, head_dim = kv
+    inputs, past_names, _, _ = io_names(num_layers)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    empty = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in past_names}
+
+    def logits(ids: list[int]) -> np.ndarray:
+        feed = {inputs[0]: np.asarray([ids], np.int64), inputs[1]: np.ones((1, len(ids)), np.int64),
+                inputs[2]: np.arange(len(ids), dtype=np.int64)[None], **empty}
+        return session.run([IO.logits], feed)[0][0]
+
+    return logits
+
+
 def check_parity(model: Any, tokenizer: Any, onnx_path: Path, atol: float, stage: str) -> dict[str, float]:
     ids = np.asarray([tokenizer(PARITY_TEXT)["input_ids"][:32]], dtype=np.int64)
     torch_prefill, torch_step = torch_reference(model, ids)

@@ -81,7 +81,7 @@ def test_quality_gate_failure_leaves_no_bundle(tiny_model_dir, tiny_recipe, tmp_
     from edgelm.errors import QualityGateError
 
     plan = api.plan_build("cpu-int8", tiny_recipe, str(tiny_model_dir), "gated",
-                          {"quality.min_top1_agreement": 1.0, "quality.max_perplexity_ratio": 1.0000001})
-    with pytest.raises(QualityGateError, match="quality gate failed"):
+                          {"quality.max_kl_divergence": 1e-9})
+    with pytest.raises(QualityGateError, match=r"quality gate failed: KL divergence .* > 1e-09"):
         api.build(plan, tmp_path / "gated")
     assert list(tmp_path.iterdir()) == []

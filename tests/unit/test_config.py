@@ -97,3 +97,13 @@ def test_example_recipes_resolve():
         recipe = load_recipe(path)
         plan = resolve(recipe, load_profile(recipe.profile or "cpu-int8"))
         assert plan.name and plan.profile.name
+
+
+def test_accuracy_budget_sets_the_gate_and_turns_on_the_search():
+    from edgelm.api import plan_build
+    from edgelm.errors import ConfigError as Error
+
+    plan = plan_build("cpu-int8", accuracy_budget=1.02)
+    assert plan.quality.max_perplexity_ratio == 1.02 and plan.profile.quantization.mixed_precision == "auto"
+    with pytest.raises(Error, match="needs a static-qdq profile"):
+        plan_build("cpu-fp32", accuracy_budget=1.02)

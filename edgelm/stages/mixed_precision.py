@@ -1,0 +1,132 @@
+"""Automatic mixed precision: keep the fewest weight MatMuls in fp32 that meet the quality gates.
+
+The graph is quantized once; a trial then restores chosen MatMuls to fp32 by rewiring them past
+their QuantizeLinear/DequantizeLinear pairs (seconds), instead of re-running calibration and
+quantization (a minute each). Candidates are grouped by the activation they read (q/k/v share
+one) and ranked by that activation's outlier ratio, measured on calibration data; the search
+finds the shortest ranked prefix that passes, by doubling and then bisection."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+logger = logging.getLogger(__name__)
+
+
+def restore_float(quantized: onnx.ModelProto, float_weights: dict[str, onnx.TensorProto],
+                  nodes: set[str]) -> onnx.ModelProto:
+    """A copy of `quantized` in which the named MatMuls read float activations and weights."""
+    model = copy.deepcopy(quantized)
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    present = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.name not in nodes:
+            continue
+        act_dq = producer.get(node.input[0])
+        if act_dq is not None and act_dq.op_type == "DequantizeLinear":
+            act_q = producer.get(act_dq.input[0])
+            if act_q is not None and act_q.op_type == "QuantizeLinear":
+                node.input[0] = act_q.input[0]
+        weight_dq = producer.get(node.input[1])
+        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear":
+            name = weight_dq.input[0].removesuffix("_quantized")
+            if name not in float_weights:
+                raise KeyError(f"no float weight {name} for {node.name}")
+            node.input[1] = name
+            if name not in present:
+                graph.initializer.append(float_weights[name])
+                present.add(name)
+    _remove_dead(graph)
+    return model
+
+
+def _remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (the orphaned Q/DQ pairs), then unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {name for node in graph.node for name in node.input}
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def ranked_groups(candidates: dict[str, str], outlier_ratio: dict[str, float]) -> list[list[str]]:
+    """MatMul node names grouped by shared input (q/k/v), most outlier-heavy input first."""
+    groups: dict[str, list[str]] = {}
+    for node, module in candidates.items():
+        key = module.rsplit(".", 1)[0] + ".qkv" if module.endswith(("q_proj", "k_proj", "v_proj")) else module
+        groups.setdefault(key, []).append(node)
+    score = lambda key: max(outlier_ratio.get(m, 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
+    return [groups[key] for key in sorted(groups, key=score, reverse=True)]
+
+
+class WindowMetrics:
+    """Perplexity ratio, top-1 agreement and KL of a candidate graph against fixed reference
+    log-probabilities (computed once), on the same token windows as the quality check."""
+
+    def __init__(self, reference_logits: Callable[[list[int]], np.ndarray], windows: Sequence[list[int]]) -> None:
+        self.windows = [list(w) for w in windows]
+        self._ref = [_log_softmax(reference_logits(w)[:-1]).astype(np.float16) for w in self.windows]
+        self.reference_nll = float(np.mean(np.concatenate([-r[np.arange(len(w) - 1), w[1:]].astype(np.float64)
+                                                           for r, w in zip(self._ref, self.windows)])))
+
+    def measure(self, logits: Callable[[list[int]], np.ndarray]) -> dict[str, float]:
+        nll, agree, kl, count = 0.0, 0, 0.0, 0
+        for ref16, ids in zip(self._ref, self.windows):
+            ref = ref16.astype(np.float64)
+            cand = _log_softmax(logits(ids)[:-1])
+            rows, targets = np.arange(len(ids) - 1), np.asarray(ids[1:])
+            nll -= cand[rows, targets].sum()
+            agree += int((cand.argmax(-1) == ref.argmax(-1)).sum())
+            kl += float((np.exp(ref) * (ref - cand)).sum())
+            count += len(targets)
+        return {"perplexity_ratio": float(np.exp(nll / count - self.reference_nll)),
+                "top1_agreement": agree / count, "kl_divergence": kl / count}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def search_prefix(passes: Callable[[int], bool], size: int) -> int | None:
+    """Smallest k in [0, size] with passes(k), assuming passing is monotonic in k."""
+    if passes(0):
+        return 0
+    low, high = 0, 1
+    while not passes(high):
+        low = high
+        if high == size:
+            return None
+        high = min(high * 2, size)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
+    """Human-readable list of the gates `metrics` misses (empty: passes)."""
+    failed = []
+    if gates.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > gates.max_perplexity_ratio:
+        failed.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {gates.max_perplexity_ratio}")
+    if gates.min_top1_agreement is not None and metrics["top1_agreement"] < gates.min_top1_agreement:
+        failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gates.min_top1_agreement}")
+    if gates.max_kl_divergence is not None and metrics["kl_divergence"] > gates.max_kl_divergence:
+        failed.append(f"KL divergence {metrics['kl_divergence']:.4f} > {gates.max_kl_divergence}")
+    return failed
