@@ -86,8 +86,12 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "quantize":
         if facts["mode"] == "none":
             return "none (fp32)"
-        return (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
+        note = (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
                 f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
+        search = facts.get("mixed_precision")
+        if search:
+            note += f"; auto: {facts['kept_float']} fp32 after {len(search['trials'])} trials"
+        return note
     if name == "smooth":
         if "skipped" in facts:
             return facts["skipped"]

@@ -67,6 +67,14 @@ def calibration_texts(source: str, tokenizer: Any, chat_template: str | None, sa
     return [texts[i % len(texts)] for i in range(samples)] if len(texts) < samples else texts[:samples]
 
 
+def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None, samples: int,
+                          max_tokens: int) -> list[list[int]]:
+    """Token ids of the calibration texts, each cut to `max_tokens`; empty samples dropped."""
+    texts = calibration_texts(source, tokenizer, chat_template, samples)
+    encoded = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    return [ids[:max_tokens] for ids in encoded if ids]
+
+
 class CalibrationFeeds:
     """onnxruntime CalibrationDataReader: get_next() -> feed dict, or None when done."""
 

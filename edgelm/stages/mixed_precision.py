@@ -78,14 +78,14 @@ class WindowMetrics:
 
     def __init__(self, reference_logits: Callable[[list[int]], np.ndarray], windows: Sequence[list[int]]) -> None:
         self.windows = [list(w) for w in windows]
-        self._ref = [_log_softmax(reference_logits(w)[:-1]).astype(np.float16) for w in self.windows]
+        self._ref = [_log_softmax(reference_logits(w)[:-1]).astype(np.float32) for w in self.windows]
         self.reference_nll = float(np.mean(np.concatenate([-r[np.arange(len(w) - 1), w[1:]].astype(np.float64)
                                                            for r, w in zip(self._ref, self.windows)])))
 
     def measure(self, logits: Callable[[list[int]], np.ndarray]) -> dict[str, float]:
         nll, agree, kl, count = 0.0, 0, 0.0, 0
-        for ref16, ids in zip(self._ref, self.windows):
-            ref = ref16.astype(np.float64)
+        for ref32, ids in zip(self._ref, self.windows):
+            ref = ref32.astype(np.float64)
             cand = _log_softmax(logits(ids)[:-1])
             rows, targets = np.arange(len(ids) - 1), np.asarray(ids[1:])
             nll -= cand[rows, targets].sum()

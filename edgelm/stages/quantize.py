@@ -17,7 +17,7 @@ import onnx
 from edgelm.config.profile import StaticQDQ
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import CalibrationFeeds, calibration_texts
+from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
 from edgelm.eval.text import load_eval_text, token_windows
 from edgelm.stages.export import kv_shape, session_logits
 from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
@@ -63,9 +63,8 @@ class Quantize:
             raise StageError(self.name, "no weight MatMul left to quantize", hint="check quantization.keep_float in the profile")
 
         calibration = state.plan.calibration
-        texts = calibration_texts(calibration.source, state.tokenizer, state.chat_template, calibration.samples)
         limit = min(calibration.max_prompt_tokens, state.max_seq_len - calibration.decode_steps - 1)
-        token_ids = [ids[:limit] for ids in (state.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts) if ids]
+        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples, limit)
         if not token_ids:
             raise StageError(self.name, "calibration produced no tokens", hint="check the calibration file's contents")
         total = len(token_ids) * (calibration.decode_steps + 1)
@@ -90,7 +89,8 @@ class Quantize:
         )
         facts: dict[str, Any] = {}
         if settings.mixed_precision == "auto":
-            restored, facts["mixed_precision"] = self._search(state, source, target, {n: candidates[n] for n in nodes}, progress)
+            restored, facts["mixed_precision"], target = self._search(
+                state, source, target, {n: candidates[n] for n in nodes}, progress)
             nodes = [n for n in nodes if n not in restored]
         quantized = onnx.load(str(target), load_external_data=False)
         dq = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
@@ -103,8 +103,9 @@ class Quantize:
                 "size_mb_before": round(before / 1e6, 1), "size_mb_after": round(after / 1e6, 1), **facts}
 
     def _search(self, state: BuildState, float_path: Path, target: Path, candidates: dict[str, str],
-                progress: Progress) -> tuple[set[str], dict[str, Any]]:
-        """Restore the fewest ranked MatMul groups to fp32 that pass the plan's gates; rewrite `target`."""
+                progress: Progress) -> tuple[set[str], dict[str, Any], Path]:
+        """Restore the fewest ranked MatMul groups to fp32 that pass the plan's gates; returns the
+        restored node names, the search facts and the chosen graph's path."""
         quality = state.plan.quality
         if all(g is None for g in (quality.max_perplexity_ratio, quality.min_top1_agreement, quality.max_kl_divergence)):
             raise StageError(self.name, "mixed_precision: auto needs a quality gate to aim for",
@@ -133,7 +134,9 @@ class Quantize:
                              hint="relax quality.* (or --accuracy-budget), or build with --profile cpu-fp32")
         keep = {n for group in groups[:k] for n in group}
         if keep:
+            target = state.work_dir / "mixed" / "model.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
             onnx.save_model(restore_float(quantized, float_weights, keep), str(target), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=target.name + ".data", size_threshold=1024)
         modules = sorted(candidates[n] for n in keep)
-        return keep, {"trials": trials, "fp32_groups": k, "fp32_modules": modules}
+        return keep, {"trials": trials, "fp32_groups": k, "fp32_modules": modules}, target

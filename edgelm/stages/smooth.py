@@ -17,7 +17,7 @@ from typing import Any
 from edgelm.config.profile import StaticQDQ
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import calibration_texts
+from edgelm.stages.calibration import calibration_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,8 @@ class Smooth:
         if not isinstance(settings, StaticQDQ):
             return {"skipped": f"quantization mode {settings.mode}"}
         calibration = state.plan.calibration
-        texts = calibration_texts(calibration.source, state.tokenizer, state.chat_template, calibration.samples)
-        token_ids = [ids[:calibration.max_prompt_tokens] for ids in
-                     (state.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts) if ids]
+        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
+                                          calibration.max_prompt_tokens)
         report = lambda i: progress(self.name, i, len(token_ids), f"activation stats {i}/{len(token_ids)}")  # noqa: E731
         stats = collect_input_stats(state.model, token_ids, report)
         facts: dict[str, Any] = {"max_outlier_ratio_before": round(max(e["outlier_ratio"] for e in stats.values()), 1)}
