@@ -128,5 +128,5 @@ def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
     if gates.min_top1_agreement is not None and metrics["top1_agreement"] < gates.min_top1_agreement:
         failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gates.min_top1_agreement}")
     if gates.max_kl_divergence is not None and metrics["kl_divergence"] > gates.max_kl_divergence:
-        failed.append(f"KL divergence {metrics['kl_divergence']:.4f} > {gates.max_kl_divergence}")
+        failed.append(f"KL divergence {metrics['kl_divergence']:.4g} > {gates.max_kl_divergence}")
     return failed
