@@ -8,11 +8,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+from edgelm_runtime.scoring import log_softmax
 
 
 def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
@@ -21,8 +17,8 @@ def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
     nll_c, nll_r, agree, kl, count = 0.0, 0.0, 0, 0.0, 0
     for i, ids in enumerate(windows):
         targets = np.asarray(ids[1:])
-        logp_c = _log_softmax(candidate.logits(ids)[:-1])
-        logp_r = _log_softmax(reference.logits(ids)[:-1])
+        logp_c = log_softmax(candidate.logits(ids)[:-1])
+        logp_r = log_softmax(reference.logits(ids)[:-1])
         rows = np.arange(len(targets))
         nll_c -= logp_c[rows, targets].sum()
         nll_r -= logp_r[rows, targets].sum()

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgelm_runtime.scoring import log_softmax
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ class WindowMetrics:
 
     def __init__(self, reference_logits: Callable[[list[int]], np.ndarray], windows: Sequence[list[int]]) -> None:
         self.windows = [list(w) for w in windows]
-        self._ref = [_log_softmax(reference_logits(w)[:-1]).astype(np.float32) for w in self.windows]
+        self._ref = [log_softmax(reference_logits(w)[:-1]).astype(np.float32) for w in self.windows]
         self.reference_nll = float(np.mean(np.concatenate([-r[np.arange(len(w) - 1), w[1:]].astype(np.float64)
                                                            for r, w in zip(self._ref, self.windows)])))
 
@@ -86,7 +88,7 @@ class WindowMetrics:
         nll, agree, kl, count = 0.0, 0, 0.0, 0
         for ref32, ids in zip(self._ref, self.windows):
             ref = ref32.astype(np.float64)
-            cand = _log_softmax(logits(ids)[:-1])
+            cand = log_softmax(logits(ids)[:-1])
             rows, targets = np.arange(len(ids) - 1), np.asarray(ids[1:])
             nll -= cand[rows, targets].sum()
             agree += int((cand.argmax(-1) == ref.argmax(-1)).sum())
@@ -94,11 +96,6 @@ class WindowMetrics:
             count += len(targets)
         return {"perplexity_ratio": float(np.exp(nll / count - self.reference_nll)),
                 "top1_agreement": agree / count, "kl_divergence": kl / count}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def search_prefix(passes: Callable[[int], bool], size: int) -> int | None:
