@@ -16,7 +16,7 @@ import numpy as np
 from edgelm.errors import ConfigError
 from edgelm.eval.metrics import compare
 from edgelm.eval.tasks import load_task, task_accuracy
-from edgelm.eval.text import fingerprint, load_eval_text, token_windows
+from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.stage import Progress, no_progress
 from edgelm_runtime.bundle import MANIFEST_FILE
 
@@ -76,7 +76,7 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     progress("reference", 0, None, "loading the reference")
     ref_model, ref_name = open_reference(reference, candidate.manifest)
     encode = lambda text: candidate.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    token_ids = token_windows(encode(load_eval_text(eval_text)), windows, window_len, eval_text)
+    token_ids = eval_windows(eval_text, windows, window_len, encode)
     result: dict[str, Any] = {"bundle": candidate.manifest.name, "reference": ref_name}
     result.update(compare(candidate, ref_model, token_ids,
                           on_window=lambda i: progress("perplexity", i, len(token_ids), f"window {i}/{len(token_ids)}")))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from edgelm.errors import ConfigError
@@ -50,6 +51,11 @@ def token_windows(token_ids: list[int], windows: int, window_len: int, source: s
         raise ConfigError(f"{source}: evaluation text has {len(token_ids)} tokens, {needed} needed "
                           f"({windows} windows x {window_len})", hint="use fewer or shorter windows, or a longer text")
     return [token_ids[i * window_len:(i + 1) * window_len] for i in range(windows)]
+
+
+def eval_windows(source: str, windows: int, window_len: int, encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """The held-out text `source`, encoded and cut into the fixed windows every metric uses."""
+    return token_windows(encode(load_eval_text(source)), windows, window_len, source)
 
 
 def fingerprint(windows: list[list[int]]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
-from edgelm.eval.text import fingerprint, load_eval_text, token_windows
+from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.mixed_precision import gate_failures
 from edgelm.stages.package import assemble_bundle, session_options
@@ -27,9 +27,8 @@ class CheckQuality:
         if settings.window_len > state.max_seq_len:
             raise ConfigError(f"quality.window_len {settings.window_len} exceeds max_seq_len {state.max_seq_len}",
                               hint=f"set quality.window_len to at most {state.max_seq_len}")
-        text = load_eval_text(settings.eval_text)
-        ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
-        windows = token_windows(ids, settings.windows, settings.window_len, settings.eval_text)
+        windows = eval_windows(settings.eval_text, settings.windows, settings.window_len,
+                               lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
         reference_dir = state.work_dir / "reference"
         assemble_bundle(reference_dir, state.reference_onnx, state, f"{state.plan.name}-fp32-reference", "reference",
                         "CPUExecutionProvider", session_options(state), provenance={})

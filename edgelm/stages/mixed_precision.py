@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgelm.eval.metrics import window_stats
 from edgelm_runtime.scoring import log_softmax
 
 logger = logging.getLogger(__name__)
@@ -81,20 +82,14 @@ class WindowMetrics:
     def __init__(self, reference_logits: Callable[[list[int]], np.ndarray], windows: Sequence[list[int]]) -> None:
         self.windows = [list(w) for w in windows]
         self._ref = [log_softmax(reference_logits(w)[:-1]).astype(np.float32) for w in self.windows]
-        self.reference_nll = float(np.mean(np.concatenate([-r[np.arange(len(w) - 1), w[1:]].astype(np.float64)
-                                                           for r, w in zip(self._ref, self.windows)])))
 
     def measure(self, logits: Callable[[list[int]], np.ndarray]) -> dict[str, float]:
-        nll, agree, kl, count = 0.0, 0, 0.0, 0
-        for ref32, ids in zip(self._ref, self.windows):
-            ref = ref32.astype(np.float64)
-            cand = log_softmax(logits(ids)[:-1])
-            rows, targets = np.arange(len(ids) - 1), np.asarray(ids[1:])
-            nll -= cand[rows, targets].sum()
-            agree += int((cand.argmax(-1) == ref.argmax(-1)).sum())
-            kl += float((np.exp(ref) * (ref - cand)).sum())
-            count += len(targets)
-        return {"perplexity_ratio": float(np.exp(nll / count - self.reference_nll)),
+        nll_c, nll_r, agree, kl, count = 0.0, 0.0, 0, 0.0, 0
+        for ref, ids in zip(self._ref, self.windows):
+            stats = window_stats(log_softmax(logits(ids)[:-1]), ref.astype(np.float64), ids)
+            nll_c, nll_r, agree, kl = nll_c + stats[0], nll_r + stats[1], agree + stats[2], kl + stats[3]
+            count += len(ids) - 1
+        return {"perplexity_ratio": float(np.exp((nll_c - nll_r) / count)),
                 "top1_agreement": agree / count, "kl_divergence": kl / count}
 
 

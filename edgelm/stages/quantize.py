@@ -18,7 +18,7 @@ from edgelm.config.profile import StaticQDQ
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
-from edgelm.eval.text import load_eval_text, token_windows
+from edgelm.eval.text import eval_windows
 from edgelm.stages.export import kv_shape, session_logits
 from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
 
@@ -113,8 +113,8 @@ class Quantize:
         quantized = onnx.load(str(target), load_external_data=True)
         float_weights = {i.name: i for i in onnx.load(str(float_path), load_external_data=True).graph.initializer}
         groups = ranked_groups(candidates, state.activation_stats)
-        text_ids = state.tokenizer(load_eval_text(quality.eval_text), add_special_tokens=False)["input_ids"]
-        windows = token_windows(text_ids, quality.windows, quality.window_len, quality.eval_text)
+        windows = eval_windows(quality.eval_text, quality.windows, quality.window_len,
+                               lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
         kv = kv_shape(state.model.config)
         metrics = WindowMetrics(session_logits(str(state.reference_onnx), kv), windows)
         trials: list[dict[str, Any]] = []

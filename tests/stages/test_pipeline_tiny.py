@@ -6,15 +6,12 @@ import json
 
 import onnx
 
+from edgelm.stages.fuse import count_ops
 from edgelm_runtime.bundle import read_manifest, verify_bundle
 
 
 def _op_counts(bundle):
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
-    counts = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    return count_ops(onnx.load(str(bundle / "model.onnx"), load_external_data=False))
 
 
 def test_fp32_bundle_manifest_records_parity_fusions_and_quality(tiny_bundle):
