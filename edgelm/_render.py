@@ -86,6 +86,9 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "quantize":
         if facts["mode"] == "none":
             return "none (fp32)"
+        if facts["mode"] == "weight-only":
+            return (f"{facts['algorithm']} {facts['bits']}-bit block {facts['block_size']}, {facts['quantized_matmuls']} MatMuls"
+                    f"{' + embedding' if facts['quantized_embeddings'] else ''}, {facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         note = (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
                 f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         search = facts.get("mixed_precision")
@@ -99,6 +102,11 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         if "alpha" in facts:
             return f"alpha {facts['alpha']}, {facts['smoothed_linears']} Linears, {ratio} -> {facts['max_outlier_ratio_after']}"
         return f"off; {ratio}"
+    if name == "sensitivity":
+        if "skipped" in facts:
+            return facts["skipped"]
+        worst = ", ".join(list(facts["most_sensitive"])[:3])
+        return f"{facts['groups']} groups on {facts['probe_samples']} samples; most sensitive: {worst}"
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":

@@ -26,12 +26,13 @@ from edgelm.stages.calibration import read_calibration_file
 from edgelm.stages.load import LoadModel, locate_model
 from edgelm.stages.package import Package, finalize_manifest
 from edgelm.stages.quantize import Quantize
+from edgelm.stages.sensitivity import MeasureSensitivity
 from edgelm.stages.smooth import Smooth
 from edgelm_runtime.bundle import Manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), Smooth(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
+PIPELINE = (LoadModel(), Smooth(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,18 @@ def evaluate(
     samples: int = typer.Option(100, "--samples", help="Examples per task (balanced over labels)."),
     shots: str = typer.Option("0,3", "--shots", help="Comma-separated few-shot counts."),
     seed: int = typer.Option(0, "--seed", help="Seed of the task splits."),
+    max_perplexity_ratio: Optional[float] = typer.Option(None, "--max-perplexity-ratio", help="Gate: fail (exit 2) above this ratio."),
+    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: fail below this agreement."),
+    max_kl_divergence: Optional[float] = typer.Option(None, "--max-kl-divergence", help="Gate: fail above this KL."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Gate: fail when a task loses more accuracy than this (0.01 = 1 point)."),
 ) -> None:
-    """Measure a bundle against a reference: perplexity, top-1 agreement, KL, zero/few-shot accuracy."""
+    """Measure a bundle against a reference: perplexity, top-1 agreement, KL, zero/few-shot accuracy.
+
+    With gates, the numbers are printed and a missed gate exits 2 (for CI)."""
     from edgelm._render import StepProgress, eval_table, quiet_libraries
+    from edgelm.config._yaml import validate
+    from edgelm.config.profile import QualityGates
+    from edgelm.eval.evaluate import check_gates
     from edgelm.eval.evaluate import evaluate as run_eval
 
     quiet_libraries()
@@ -154,6 +163,9 @@ def evaluate(
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         console.print(eval_table(result))
+    gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
+                      "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
+    check_gates(result, gates, max_accuracy_drop)
 
 
 def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgelm.config._yaml import load_yaml_model
 from edgelm.errors import ConfigError
@@ -51,7 +51,37 @@ class StaticQDQ(Frozen):
     keep_float: tuple[str, ...] = ()
 
 
-Quantization = Annotated[Union[NoQuantization, StaticQDQ], Field(discriminator="mode")]
+class WeightOnly(Frozen):
+    """Weight-only block quantization (onnxruntime MatMulNBits): no calibration, float activations
+    (int8 per block at run time at accuracy_level 4)."""
+
+    mode: Literal["weight-only"]
+    bits: Literal[4, 8] = 4
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = False
+    # rtn: round to nearest (onnxruntime's C++ block quantizer); hqq: half-quadratic scale/zero search;
+    # k_quant: llama.cpp-style k-quant scale search. All three need no calibration data.
+    algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"
+    # MatMulNBits compute type: 0 = fp32 after dequantizing (measured 8x slower for 8-bit weights),
+    # 4 = int8 activations quantized per block at run time.
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    lm_head: Literal["float", "quantized"] = "quantized"
+    embeddings: Literal["float", "int4"] = "float"   # int4: GatherBlockQuantized
+    keep_float: tuple[str, ...] = ()
+    # In a 4-bit build, MatMuls kept at 8 bits, by module path substring ("down_proj", "lm_head"):
+    # llama.cpp's Q4_K_M does the same with 6 bits for its most sensitive tensors.
+    keep_int8: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _symmetric_needs_rtn(self) -> "WeightOnly":
+        if self.symmetric and self.algorithm != "rtn":
+            raise ValueError(f"symmetric: true needs algorithm rtn ({self.algorithm} quantizes asymmetrically)")
+        if self.keep_int8 and self.bits != 4:
+            raise ValueError("keep_int8 needs bits: 4 (every MatMul is already 8-bit)")
+        return self
+
+
+Quantization = Annotated[Union[NoQuantization, StaticQDQ, WeightOnly], Field(discriminator="mode")]
 
 
 class SessionSettings(Frozen):

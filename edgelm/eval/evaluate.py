@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.errors import ConfigError
+from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
 from edgelm.eval.tasks import load_task, task_accuracy
 from edgelm.eval.text import eval_windows, fingerprint
@@ -92,3 +92,20 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
             result["tasks"][key] = {"accuracy": round(accuracy, 4), "reference_accuracy": round(reference_accuracy, 4),
                                     "n": len(task.examples)}
     return result
+
+
+def check_gates(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> None:
+    """Raise QualityGateError with the numbers when `result` misses a gate (`gates` has the
+    quality.* fields); `max_accuracy_drop` is in accuracy points (0.01 = one point) per task."""
+    from edgelm.stages.mixed_precision import gate_failures
+
+    failures = gate_failures(result, gates)
+    if max_accuracy_drop is not None:
+        for name, task in result["tasks"].items():
+            drop = task["reference_accuracy"] - task["accuracy"]
+            if drop > max_accuracy_drop + 1e-9:
+                failures.append(f"{name} accuracy {task['accuracy']:.3f} vs {task['reference_accuracy']:.3f} "
+                                f"(drop {drop:.3f} > {max_accuracy_drop})")
+    if failures:
+        raise QualityGateError("eval", f"{result['bundle']}: " + "; ".join(failures),
+                               hint="rebuild with a higher-precision profile or --accuracy-budget, or relax the gate")

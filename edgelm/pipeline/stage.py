@@ -33,6 +33,8 @@ class BuildState:
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None
     activation_stats: dict[str, float] = field(default_factory=dict)  # module path -> input outlier ratio (Smooth)
+    activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # module path -> input (min, max)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # module path -> KL when its group alone is int8
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 

@@ -3,7 +3,8 @@
 The graph is quantized once; a trial then restores chosen MatMuls to fp32 by rewiring them past
 their QuantizeLinear/DequantizeLinear pairs (seconds), instead of re-running calibration and
 quantization (a minute each). Candidates are grouped by the activation they read (q/k/v share
-one) and ranked by that activation's outlier ratio, measured on calibration data; the search
+one) and ranked by their measured sensitivity (sensitivity.py: the KL each group causes when it
+alone is quantized), or by the input's outlier ratio when none was measured; the search
 finds the shortest ranked prefix that passes, by doubling and then bisection."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 
 from edgelm.eval.metrics import window_stats
+from edgelm.stages.sensitivity import group_key
 from edgelm_runtime.scoring import log_softmax
 
 logger = logging.getLogger(__name__)
@@ -65,13 +67,13 @@ def _remove_dead(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-def ranked_groups(candidates: dict[str, str], outlier_ratio: dict[str, float]) -> list[list[str]]:
-    """MatMul node names grouped by shared input (q/k/v), most outlier-heavy input first."""
+def ranked_groups(candidates: dict[str, str], score_of: dict[str, float]) -> list[list[str]]:
+    """MatMul node names grouped by shared input (q/k/v), highest score (measured sensitivity, or
+    the input's outlier ratio) first."""
     groups: dict[str, list[str]] = {}
     for node, module in candidates.items():
-        key = module.rsplit(".", 1)[0] + ".qkv" if module.endswith(("q_proj", "k_proj", "v_proj")) else module
-        groups.setdefault(key, []).append(node)
-    score = lambda key: max(outlier_ratio.get(m, 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
+        groups.setdefault(group_key(module), []).append(node)
+    score = lambda key: max(score_of.get(m, 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
     return [groups[key] for key in sorted(groups, key=score, reverse=True)]
 
 

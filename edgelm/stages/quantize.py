@@ -1,4 +1,5 @@
-"""Static int8 quantization (QDQ) with onnxruntime.quantization, calibrated on real prompts.
+"""Quantization as the profile says: static int8 QDQ calibrated on real prompts, or weight-only
+block quantization (MatMulNBits, see weight_only.py).
 
 Only weight MatMuls (a constant second input) are quantized, per-channel: quantizing every
 MatMul (attention scores, softmax output) or graph outputs costs SmolLM2 a 4.4x perplexity ratio
@@ -14,13 +15,14 @@ from typing import Any
 
 import onnx
 
-from edgelm.config.profile import StaticQDQ
+from edgelm.config.profile import StaticQDQ, WeightOnly
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
 from edgelm.eval.text import eval_windows
 from edgelm.stages.export import kv_shape, session_logits
 from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
+from edgelm.stages.weight_only import quantize_weight_only, untie_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,20 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
 
+def save_external(model: onnx.ModelProto, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=target.name + ".data", size_threshold=1024)
+
+
 class Quantize:
     name = "quantize"
-    title = "Static int8 QDQ quantization with calibration"
+    title = "Quantize (static int8 QDQ with calibration, or weight-only MatMulNBits)"
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
         settings = state.plan.profile.quantization
+        if isinstance(settings, WeightOnly):
+            return self._weight_only(state, settings, progress)
         if not isinstance(settings, StaticQDQ):
             return {"mode": settings.mode}
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -102,6 +112,33 @@ class Quantize:
                 "calibration_feeds": feeds.count, "calibration_samples": len(token_ids),
                 "size_mb_before": round(before / 1e6, 1), "size_mb_after": round(after / 1e6, 1), **facts}
 
+    def _weight_only(self, state: BuildState, settings: WeightOnly, progress: Progress) -> dict[str, Any]:
+        source = state.current_onnx
+        graph = onnx.load(str(source), load_external_data=True)
+        untied = untie_lm_head(graph) if settings.lm_head == "quantized" else []
+        candidates = weight_matmuls(graph)
+        heads = set(untied) | {n for n, module in candidates.items() if module.endswith("lm_head")}
+        kept = [n for n, module in candidates.items()
+                if any(p in module for p in settings.keep_float) or (settings.lm_head == "float" and n in heads)]
+        chosen = [n for n in candidates if n not in kept]
+        if not chosen:
+            raise StageError(self.name, "no weight MatMul left to quantize", hint="check quantization.keep_float in the profile")
+        int8 = [n for n in chosen if any(p in candidates[n] for p in settings.keep_int8)]
+        progress(self.name, 0, None, f"{settings.algorithm} {settings.bits}-bit, {len(chosen)} MatMuls")
+        quantized = quantize_weight_only(graph, settings, chosen, int8)
+        ops = [n.op_type for n in quantized.graph.node]
+        if ops.count("MatMulNBits") != len(chosen):
+            raise StageError(self.name, f"{ops.count('MatMulNBits')} of {len(chosen)} MatMuls became MatMulNBits",
+                             hint="report this with --debug; set quantization.keep_float to skip the failing MatMuls")
+        target = state.work_dir / "quantized" / "model.onnx"
+        save_external(quantized, target)
+        state.current_onnx = target
+        return {"mode": settings.mode, "bits": settings.bits, "block_size": settings.block_size,
+                "symmetric": settings.symmetric, "algorithm": settings.algorithm, "accuracy_level": settings.accuracy_level,
+                "quantized_matmuls": len(chosen), "int8_matmuls": len(int8), "kept_float": len(kept), "lm_head_quantized": bool(heads - set(kept)),
+                "quantized_embeddings": ops.count("GatherBlockQuantized"),
+                "size_mb_before": round(folder_size(source) / 1e6, 1), "size_mb_after": round(folder_size(target) / 1e6, 1)}
+
     def _search(self, state: BuildState, float_path: Path, target: Path, candidates: dict[str, str],
                 progress: Progress) -> tuple[set[str], dict[str, Any], Path]:
         """Restore the fewest ranked MatMul groups to fp32 that pass the plan's gates; returns the
@@ -112,7 +149,7 @@ class Quantize:
                              hint="set quality.max_perplexity_ratio (or --accuracy-budget), or mixed_precision: off")
         quantized = onnx.load(str(target), load_external_data=True)
         float_weights = {i.name: i for i in onnx.load(str(float_path), load_external_data=True).graph.initializer}
-        groups = ranked_groups(candidates, state.activation_stats)
+        groups = ranked_groups(candidates, state.sensitivity or state.activation_stats)
         windows = eval_windows(quality.eval_text, quality.windows, quality.window_len,
                                lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
         kv = kv_shape(state.model.config)
@@ -135,8 +172,6 @@ class Quantize:
         keep = {n for group in groups[:k] for n in group}
         if keep:
             target = state.work_dir / "mixed" / "model.onnx"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            onnx.save_model(restore_float(quantized, float_weights, keep), str(target), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=target.name + ".data", size_threshold=1024)
+            save_external(restore_float(quantized, float_weights, keep), target)
         modules = sorted(candidates[n] for n in keep)
         return keep, {"trials": trials, "fp32_groups": k, "fp32_modules": modules}, target

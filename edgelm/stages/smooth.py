@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def collect_input_stats(model: Any, token_ids: list[list[int]], on_sample=lambda i: None) -> dict[str, dict[str, Any]]:
-    """Per Linear (by module path): channel-wise max|X| and the input's outlier ratio."""
+    """Per Linear (by module path): channel-wise max|X|, the input's min/max and its outlier ratio."""
     import torch
 
     stats: dict[str, dict[str, Any]] = {}
@@ -32,8 +32,10 @@ def collect_input_stats(model: Any, token_ids: list[list[int]], on_sample=lambda
     def hook(name: str):
         def record(module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            entry = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "count": 0})
+            entry = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "count": 0,
+                                            "min": float("inf"), "max": float("-inf")})
             entry["absmax"] = torch.maximum(entry["absmax"], x.abs().amax(0))
+            entry["min"], entry["max"] = min(entry["min"], float(x.min())), max(entry["max"], float(x.max()))
             entry["sumsq"] += float((x * x).sum())
             entry["count"] += x.numel()
         return record
@@ -128,6 +130,7 @@ class Smooth:
                           "max_outlier_ratio_after": round(max(e["outlier_ratio"] for e in stats.values()), 1)})
         # ranks the weight MatMuls for mixed precision: the most outlier-heavy inputs suffer most from 8 bits
         state.activation_stats = {name: entry["outlier_ratio"] for name, entry in stats.items()}
+        state.activation_ranges = {name: (entry["min"], entry["max"]) for name, entry in stats.items()}
         worst = sorted(state.activation_stats.items(), key=lambda kv: -kv[1])[:5]
         facts["worst_inputs"] = {name: round(ratio, 1) for name, ratio in worst}
         return facts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -47,3 +48,49 @@ def test_task_splits_are_fixed_balanced_and_disjoint():
     assert set(topic.labels) == {"business", "entertainment", "politics", "sports", "tech"}
     prompt = topic.prompt(topic.examples[0].text, shots=5)
     assert prompt.count("Topic (") == 6 and all(f"): {label}\n\n" in prompt for label in topic.labels)
+
+
+def _damaged_copy(bundle, dest):
+    """The bundle with every weight MatMul's weights replaced by noise, manifest hashes updated."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelm_runtime.bundle import describe_files, read_manifest, write_manifest
+
+    shutil.copytree(bundle, dest)
+    model = onnx.load(str(dest / "model.onnx"))
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.name in weights:
+            array = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(array * 3 * rng.standard_normal(array.shape).astype(array.dtype), init.name))
+    (dest / "model.onnx.data").unlink()
+    onnx.save_model(model, str(dest / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    write_manifest(dest, dataclasses.replace(read_manifest(dest), files=describe_files(dest)))
+    return dest
+
+
+def test_damaged_bundle_fails_the_gates_with_the_numbers(tiny_bundle, tmp_path):
+    damaged = _damaged_copy(tiny_bundle, tmp_path / "damaged")
+    args = ["eval", str(damaged), "--reference", str(tiny_bundle), "--windows", "2", "--window-len", "64",
+            "--tasks", "sentiment", "--samples", "8", "--shots", "0"]
+    gated = CliRunner().invoke(app, args + ["--min-top1-agreement", "0.9", "--max-kl-divergence", "0.01"])
+    assert gated.exit_code == 2
+    # the numbers, in one line: "error: eval: tiny-fp32: top-1 agreement 0.008 < 0.9; KL divergence 0.0256 > 0.01"
+    line = next(l for l in gated.output.splitlines() if l.startswith("error:"))
+    assert re.search(r"top-1 agreement 0\.\d+ < 0\.9; KL divergence [\d.]+ > 0\.01", line), line
+    # the same bundle against itself passes the same gates
+    same = CliRunner().invoke(app, ["eval", str(tiny_bundle), "--reference", str(tiny_bundle), "--windows", "2",
+                                    "--window-len", "64", "--tasks", "", "--max-perplexity-ratio", "1.05",
+                                    "--min-top1-agreement", "0.9", "--max-accuracy-drop", "0"])
+    assert same.exit_code == 0, same.output
+
+
+def test_bad_gate_value_is_a_one_line_error(tiny_bundle):
+    result = CliRunner().invoke(app, ["eval", str(tiny_bundle), "--tasks", "", "--max-perplexity-ratio", "0.5"])
+    assert result.exit_code == 2 and "max_perplexity_ratio" in result.output and "Traceback" not in result.output

@@ -72,3 +72,25 @@ def test_module_paths_match_the_activation_statistics(tiny_int8_report):
     # the Smooth stage keys its outlier ratios the same way, so the ranking sees real numbers
     assert set(tiny_int8_report.facts["smooth"]["worst_inputs"]) <= {p for p in paths} | {
         f"layers.{i}.mlp.down_proj" for i in range(2)}
+
+
+def test_sensitivity_ranks_the_group_that_quantizes_worst_first(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from edgelm.config.profile import StaticQDQ
+    from edgelm.stages.sensitivity import measure_sensitivity
+    from edgelm.stages.smooth import collect_input_stats
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    samples = [[5, 17, 42, 99, 7, 3, 250, 11] * 4, [8, 1, 33, 120, 64, 2] * 5]
+    stats = collect_input_stats(model, samples)
+    ranges = {name: (entry["min"], entry["max"]) for name, entry in stats.items()}
+    # a range 1000x too wide leaves a handful of int8 levels for layer 1's gate/up input
+    low, high = ranges["layers.1.mlp.gate_proj"]
+    ranges["layers.1.mlp.gate_proj"] = (low * 1000, high * 1000)
+    settings = StaticQDQ(mode="static-qdq", weight_dtype="uint8")
+    scores = measure_sensitivity(model, samples, ranges, settings)
+    assert set(scores) == {f"layers.{i}.{g}" for i in range(2) for g in
+                           ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert max(scores, key=scores.get) == "layers.1.mlp.gate_proj"
+    assert all(kl >= 0 for kl in scores.values())

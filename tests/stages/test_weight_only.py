@@ -1,0 +1,112 @@
+"""Weight-only quantization (MatMulNBits): every weight MatMul and the LM head really quantized,
+the bundle smaller and still faithful; invalid combinations rejected with the field named."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import helper, numpy_helper
+
+from edgelm.errors import ConfigError
+from edgelm.stages.fuse import count_ops
+from edgelm.stages.weight_only import untie_lm_head
+
+
+def _profile(tmp_path, **quantization):
+    data = {"name": "test-wo", "description": "weight-only test profile", "provider": "CPUExecutionProvider",
+            "quantization": {"mode": "weight-only", **quantization}}
+    path = tmp_path / "wo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def int4_report(tiny_model_dir, tiny_recipe, tmp_path_factory):
+    from edgelm import api
+
+    folder = tmp_path_factory.mktemp("wo")
+    profile = _profile(folder, bits=4, symmetric=True, embeddings="int4")
+    return api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "tiny-int4"), folder / "tiny-int4")
+
+
+def test_int4_bundle_quantizes_every_weight_matmul_head_and_embedding(int4_report, tiny_bundle):
+    bundle = int4_report.output
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    ops = count_ops(model)
+    inits = {i.name for i in model.graph.initializer}
+    assert ops["MatMulNBits"] == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + the tied LM head
+    assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert ops.get("GatherBlockQuantized") == 1 and "Gather" not in ops
+    assert all(a.i == 4 for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
+    facts = int4_report.facts["quantize"]
+    assert facts["lm_head_quantized"] and facts["quantized_embeddings"] == 1
+    assert (bundle / "model.onnx.data").stat().st_size < 0.5 * (tiny_bundle / "model.onnx.data").stat().st_size
+    quality = int4_report.manifest.quality
+    assert quality["perplexity_ratio"] < 1.05 and quality["top1_agreement"] >= 0.9
+
+
+def test_int4_bundle_generates_like_the_fp32_bundle(int4_report, tiny_bundle):
+    import edgelm_runtime as er
+
+    fp32, int4 = er.load_bundle(tiny_bundle), er.load_bundle(int4_report.output)
+    ids = fp32.tokenizer.encode("Explain why the sky is blue", add_special_tokens=False)
+    expected = list(fp32.generate_tokens(ids, max_new_tokens=8, sampling=er.SamplingParams()))
+    assert list(int4.generate_tokens(ids, max_new_tokens=8, sampling=er.SamplingParams())) == expected
+
+
+def test_keep_float_and_float_head_stay_matmul(tiny_model_dir, tiny_recipe, tmp_path):
+    from edgelm import api
+
+    profile = _profile(tmp_path, bits=8, symmetric=True, lm_head="float", keep_float=["down_proj"])
+    report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "w8"), tmp_path / "w8")
+    ops = count_ops(onnx.load(str(report.output / "model.onnx"), load_external_data=False))
+    assert ops["MatMulNBits"] == 2 * 6 and report.facts["quantize"]["kept_float"] == 2  # down_proj x2; the tied head was never untied
+    assert not report.facts["quantize"]["lm_head_quantized"]
+
+
+def test_keep_int8_mixes_8_and_4_bit_matmuls(tiny_model_dir, tiny_recipe, tmp_path):
+    from edgelm import api
+
+    profile = _profile(tmp_path, bits=4, algorithm="hqq", keep_int8=["down_proj", "lm_head"])
+    report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "mixed"), tmp_path / "mixed")
+    model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(bits) == [4] * 12 + [8] * 3  # q, k, v, o, gate, up x 2 layers at 4 bits; down x 2 + head at 8
+    assert report.facts["quantize"]["int8_matmuls"] == 3
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("bits", 3, "quantization.weight-only.bits"),
+    ("block_size", 48, "quantization.weight-only.block_size"),
+    ("algorithm", "gptq", "quantization.weight-only.algorithm"),
+    ("keep_int8", ["down_proj"], "keep_int8 needs bits: 4"),
+])
+def test_invalid_weight_only_fields_name_the_field(tmp_path, field, value, message):
+    from edgelm.config.profile import load_profile
+
+    with pytest.raises(ConfigError, match=message):
+        load_profile(_profile(tmp_path, **{"bits": 8, field: value} if field == "keep_int8" else {field: value}))
+
+
+def test_symmetric_hqq_is_rejected(tmp_path):
+    from edgelm.config.profile import load_profile
+
+    with pytest.raises(ConfigError, match="symmetric: true needs algorithm rtn"):
+        load_profile(_profile(tmp_path, algorithm="hqq", symmetric=True))
+
+
+def test_untie_lm_head_gives_the_head_its_own_weight():
+    weight = np.arange(12, dtype=np.float32).reshape(4, 3)  # (vocab, hidden)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["h"]), helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "emb_t"], ["logits"], name="head")],
+        "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [2, 4])], [numpy_helper.from_array(weight, "emb")])
+    model = helper.make_model(graph)
+    assert untie_lm_head(model) == ["head"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.name == "head")
+    np.testing.assert_array_equal(inits[head.input[1]], weight.T)
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"] and model.graph.node[0].input[0] == "emb"
