@@ -102,11 +102,16 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         if "alpha" in facts:
             return f"alpha {facts['alpha']}, {facts['smoothed_linears']} Linears, {ratio} -> {facts['max_outlier_ratio_after']}"
         return f"off; {ratio}"
+    if name == "awq":
+        if "skipped" in facts:
+            return facts["skipped"]
+        return (f"{facts['groups']} inputs, mean alpha {facts['mean_alpha']}, 4-bit output error "
+                f"{facts['mean_relative_error_before']:.3g} -> {facts['mean_relative_error_after']:.3g}")
     if name == "sensitivity":
         if "skipped" in facts:
             return facts["skipped"]
         worst = ", ".join(list(facts["most_sensitive"])[:3])
-        return f"{facts['groups']} groups on {facts['probe_samples']} samples; most sensitive: {worst}"
+        return f"{facts['groups']} groups on {facts['probe_tokens']} tokens; most sensitive: {worst}"
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":

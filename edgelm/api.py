@@ -22,6 +22,7 @@ from edgelm.pipeline.workspace import Workspace
 from edgelm.stages.check_quality import CheckQuality
 from edgelm.stages.export import ExportOnnx
 from edgelm.stages.fuse import FuseGraph
+from edgelm.stages.awq import ActivationAwareScales
 from edgelm.stages.calibration import read_calibration_file
 from edgelm.stages.load import LoadModel, locate_model
 from edgelm.stages.package import Package, finalize_manifest
@@ -32,7 +33,7 @@ from edgelm_runtime.bundle import Manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), Smooth(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
+PIPELINE = (LoadModel(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def plan_build(profile: str | None = None, recipe: str | Path | None = None, mod
     if accuracy_budget is not None:
         if device.quantization.mode != "static-qdq":
             raise ConfigError(f"--accuracy-budget needs a static-qdq profile ({device.name} is {device.quantization.mode})",
-                              hint="use --profile cpu-int8, or leave out --accuracy-budget")
+                              hint="use --profile cpu-w8a8, or leave out --accuracy-budget")
         merged.update({"quality.max_perplexity_ratio": accuracy_budget, "profile.quantization.mixed_precision": "auto"})
     return resolve(loaded, device, merged)
 

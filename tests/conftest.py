@@ -83,7 +83,7 @@ def tiny_bundle(tiny_bundle_report) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_int8_report(tiny_model_dir, tiny_recipe, tmp_path_factory):
-    return _build(tiny_model_dir, tiny_recipe, "cpu-int8", tmp_path_factory.mktemp("bundles") / "tiny-int8")
+    return _build(tiny_model_dir, tiny_recipe, "cpu-w8a8", tmp_path_factory.mktemp("bundles") / "tiny-int8")
 
 
 # Hugging Face Llama parameter name (after "model.layers.N.") -> llama.cpp's GGUF tensor name.

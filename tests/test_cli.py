@@ -70,6 +70,7 @@ def test_generate_on_a_folder_that_is_not_a_bundle(tmp_path):
 def test_profiles_lists_descriptions():
     result = _run("profiles")
     assert result.exit_code == 0 and "cpu-int8" in result.output and "static-qdq" in result.output
+    assert "cpu-int4" in result.output and "weight-only" in result.output
 
 
 def test_generate_and_inspect_on_tiny_bundle(tiny_bundle):

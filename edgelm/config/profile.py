@@ -67,6 +67,9 @@ class WeightOnly(Frozen):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     lm_head: Literal["float", "quantized"] = "quantized"
     embeddings: Literal["float", "int4"] = "float"   # int4: GatherBlockQuantized
+    # AWQ: scale weight columns by activation magnitude (searched per input on calibration data)
+    # before export, so the channels that matter get finer steps. The fp32 function is unchanged.
+    activation_aware: bool = False
     keep_float: tuple[str, ...] = ()
     # In a 4-bit build, MatMuls kept at 8 bits, by module path substring ("down_proj", "lm_head"):
     # llama.cpp's Q4_K_M does the same with 6 bits for its most sensitive tensors.

@@ -76,7 +76,11 @@ def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None
 
 
 class CalibrationFeeds:
-    """onnxruntime CalibrationDataReader: get_next() -> feed dict, or None when done."""
+    """onnxruntime CalibrationDataReader: get_next() -> feed dict, or None when done.
+
+    `len()` and `set_range()` let quantize_static collect in chunks (its CalibStridedMinMax
+    option): histogram calibrators keep every intermediate output of one collect_data call in
+    memory, so edgelm hands them one feed at a time and the histograms merge."""
 
     def __init__(self, reference_onnx: Path, token_ids: list[list[int]], kv: tuple[int, int, int],
                  decode_steps: int, on_feed: Callable[[int], None] = lambda n: None) -> None:
@@ -90,8 +94,21 @@ class CalibrationFeeds:
         self._feeds = self._generate(token_ids)
         self._on_feed = on_feed
         self.count = 0
+        self._total = len(token_ids) * (decode_steps + 1)
+        self._stop = self._total
+
+    def __len__(self) -> int:
+        return self._total
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """The next get_next() calls yield feeds [start_index, end_index); chunks come in order."""
+        if start_index != self.count:
+            raise ValueError(f"calibration chunks must come in order (next feed {self.count}, asked {start_index})")
+        self._stop = end_index
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.count >= self._stop:
+            return None
         feed = next(self._feeds, None)
         if feed is not None:
             self.count += 1

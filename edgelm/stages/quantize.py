@@ -9,6 +9,8 @@ MinMax keeps only per-tensor ReduceMin/ReduceMax scalars per feed, so memory sta
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,21 +84,28 @@ class Quantize:
                                  on_feed=lambda n: progress(self.name, n, total, f"calibrating {n}/{total}"))
         target = state.work_dir / "quantized" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        quantize_static(
-            str(source), str(target), feeds, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
-            activation_type=QuantType.QUInt8 if settings.activation_dtype == "uint8" else QuantType.QUInt16,
-            weight_type=QuantType.QInt8 if settings.weight_dtype == "int8" else QuantType.QUInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[settings.calibration_method],
-            use_external_data_format=True,
-            # Shape inference stops at contrib ops (SkipSimplifiedLayerNormalization): tell the
-            # quantizer that untyped tensors are float. Not CalibMaxIntermediateOutputs: in
-            # onnxruntime 1.31 it discards each full batch of ranges instead of merging it.
-            # Only MatMul *inputs* get QDQ: by default the QDQ quantizer also quantizes MatMul outputs,
-            # i.e. the residual stream after o_proj/down_proj (measured: ratio 3.27 with, see README).
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": ["MatMul"]},
-        )
+        # Histogram methods (entropy, percentile) keep every activation of one collect call in memory
+        # (onnxruntime#10503: 256 GB) and stack them into one array (so prefill and decode shapes cannot
+        # share a call): collect one feed at a time; the histograms merge. MinMax reduces each feed to
+        # two scalars in the graph, so it streams as it is.
+        streaming = {} if settings.calibration_method == "minmax" else {"CalibStridedMinMax": 1}
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram collector prints per chunk
+            quantize_static(
+                str(source), str(target), feeds, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                activation_type=QuantType.QUInt8 if settings.activation_dtype == "uint8" else QuantType.QUInt16,
+                weight_type=QuantType.QInt8 if settings.weight_dtype == "int8" else QuantType.QUInt8,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[settings.calibration_method],
+                use_external_data_format=True,
+                # Shape inference stops at contrib ops (SkipSimplifiedLayerNormalization): tell the
+                # quantizer that untyped tensors are float. Not CalibMaxIntermediateOutputs: in
+                # onnxruntime 1.31 it discards each full batch of ranges instead of merging it.
+                # Only MatMul *inputs* get QDQ: by default the QDQ quantizer also quantizes MatMul outputs,
+                # i.e. the residual stream after o_proj/down_proj (measured: ratio 3.27 with, see README).
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                               **streaming},
+            )
         facts: dict[str, Any] = {}
         if settings.mixed_precision == "auto":
             restored, facts["mixed_precision"], target = self._search(

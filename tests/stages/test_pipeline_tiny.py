@@ -44,13 +44,13 @@ def test_int8_bundle_is_quantized_smaller_and_close(tiny_int8_report, tiny_bundl
     ops = _op_counts(bundle)
     assert ops.get("DequantizeLinear", 0) > 0 and ops.get("QuantizeLinear", 0) > 0
     quantize = manifest.provenance["stages"]["quantize"]
-    # 2 layers x (q, k, v, o, gate, up); down_proj is kept fp32 by the cpu-int8 profile
+    # 2 layers x (q, k, v, o, gate, up); down_proj is kept fp32 by the cpu-w8a8 profile
     assert quantize["quantized_matmuls"] == 12 and quantize["kept_float"] == 2
     assert quantize["calibration_feeds"] == 6 * (1 + 3)  # every sample: one prefill + 3 decode steps
     size = (bundle / "model.onnx.data").stat().st_size
     assert size < (tiny_bundle / "model.onnx.data").stat().st_size
     assert manifest.quality["perplexity_ratio"] < 1.1 and manifest.quality["top1_agreement"] > 0.8
-    assert json.loads((bundle / "manifest.json").read_text())["profile"] == "cpu-int8"
+    assert json.loads((bundle / "manifest.json").read_text())["profile"] == "cpu-w8a8"
 
 
 def test_bundle_greedy_tokens_equal_pytorch(tiny_bundle, tiny_model_dir):
@@ -82,3 +82,34 @@ def test_quality_gate_failure_leaves_no_bundle(tiny_model_dir, tiny_recipe, tmp_
     with pytest.raises(QualityGateError, match=r"quality gate failed: KL divergence .* > 1e-09"):
         api.build(plan, tmp_path / "gated")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_histogram_calibration_streams_feed_by_feed(tiny_model_dir, tiny_recipe, tmp_path):
+    """Percentile calibration goes through onnxruntime's strided collection, one feed per chunk
+    (prefill and decode shapes mixed), every feed used once; the result is a working int8 bundle."""
+    from edgelm import api
+
+    plan = api.plan_build("cpu-w8a8", tiny_recipe, str(tiny_model_dir), "pct",
+                          {"profile.quantization.calibration_method": "percentile"})
+    report = api.build(plan, tmp_path / "pct")
+    quantize = report.facts["quantize"]
+    assert quantize["calibration_feeds"] == 6 * (1 + 3)
+    assert report.manifest.provenance["plan"]["profile"]["quantization"]["calibration_method"] == "percentile"
+    assert report.manifest.quality["top1_agreement"] > 0.8
+
+
+def test_calibration_feeds_come_in_ordered_chunks(tiny_bundle):
+    import pytest
+
+    from edgelm.stages.calibration import CalibrationFeeds
+
+    feeds = CalibrationFeeds(tiny_bundle / "model.onnx", [[5, 6, 7], [8, 9]], (2, 2, 16), decode_steps=2)
+    assert len(feeds) == 6
+    feeds.set_range(0, 3)
+    first = [feeds.get_next() for _ in range(4)]
+    assert first[3] is None and [f["past_key_values.0.key"].shape[2] for f in first[:3]] == [0, 3, 4]
+    with pytest.raises(ValueError, match="in order"):
+        feeds.set_range(5, 6)
+    feeds.set_range(3, 6)
+    second = [feeds.get_next() for _ in range(4)]
+    assert second[3] is None and second[0]["input_ids"].tolist() == [[8, 9]]

@@ -110,3 +110,37 @@ def test_untie_lm_head_gives_the_head_its_own_weight():
     head = next(n for n in model.graph.node if n.name == "head")
     np.testing.assert_array_equal(inits[head.input[1]], weight.T)
     assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"] and model.graph.node[0].input[0] == "emb"
+
+
+def test_awq_keeps_the_fp32_function_and_lowers_the_4bit_error(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgelm.stages.awq import apply_awq
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # give a few input channels the large activations real LMs have, so scaling has work to do
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 20
+            layer.post_attention_layernorm.weight[:4] *= 20
+    ids = [[5, 17, 42, 99, 7, 3, 250, 11] * 6, [8, 1, 33, 120, 64, 2] * 8]
+    with torch.no_grad():
+        before = model(torch.tensor([ids[0]])).logits
+    facts = apply_awq(model, ids, bits=4, block=32)
+    with torch.no_grad():
+        after = model(torch.tensor([ids[0]])).logits
+    assert torch.allclose(before, after, atol=1e-4)  # an exact re-parametrisation in fp32
+    assert facts["groups"] == 2 * 3
+    assert facts["mean_relative_error_after"] < facts["mean_relative_error_before"]
+    assert facts["mean_alpha"] > 0
+
+
+def test_default_cpu_int8_profile_is_8bit_weight_only(tiny_model_dir, tiny_recipe, tmp_path):
+    from edgelm import api
+
+    report = api.build(api.plan_build("cpu-int8", tiny_recipe, str(tiny_model_dir), "int8"), tmp_path / "int8")
+    model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert bits == [8] * 15 and "QuantizeLinear" not in count_ops(model)
+    assert report.manifest.quality["perplexity_ratio"] <= 1.02 and report.manifest.quality["top1_agreement"] >= 0.95

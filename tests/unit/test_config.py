@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 
 from edgelm.config import Recipe, list_profiles, load_profile, load_recipe, resolve
-from edgelm.config.profile import StaticQDQ
+from edgelm.config.profile import StaticQDQ, WeightOnly
 from edgelm.errors import ConfigError
 
 
 def test_builtin_profiles_load_with_their_capabilities():
     profiles = {p.name: p for p in list_profiles()}
-    assert {"cpu-fp32", "cpu-int8"} <= set(profiles)
-    int8 = profiles["cpu-int8"].quantization
-    assert isinstance(int8, StaticQDQ) and int8.per_channel and int8.activation_dtype == "uint8"
+    assert {"cpu-fp32", "cpu-int8", "cpu-int4", "cpu-w8a8"} <= set(profiles)
+    w8a8 = profiles["cpu-w8a8"].quantization
+    assert isinstance(w8a8, StaticQDQ) and w8a8.per_channel and w8a8.activation_dtype == "uint8"
+    int8, int4 = profiles["cpu-int8"].quantization, profiles["cpu-int4"].quantization
+    assert isinstance(int8, WeightOnly) and int8.bits == 8 and int8.accuracy_level == 4
+    assert isinstance(int4, WeightOnly) and int4.bits == 4 and int4.activation_aware and int4.embeddings == "int4"
     assert profiles["cpu-fp32"].quantization.mode == "none"
 
 
@@ -30,7 +33,7 @@ def test_unknown_profile_lists_the_known_ones():
 
 
 def test_bad_profile_field_names_file_and_field(tmp_path):
-    text = (load_profile("cpu-int8").model_dump_json())
+    text = (load_profile("cpu-w8a8").model_dump_json())
     path = tmp_path / "mine.yaml"
     path.write_text(text.replace('"activation_dtype":"uint8"', '"activation_dtype":"int4"'))
     with pytest.raises(ConfigError) as err:
@@ -63,7 +66,7 @@ def test_recipe_out_of_range_value(tmp_path):
 def test_plan_makes_defaults_explicit_and_overrides_win(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: some/folder\ncalibration: {samples: 10}\nquality: {max_perplexity_ratio: 1.5}\n")
-    plan = resolve(load_recipe(path), load_profile("cpu-int8"), {"calibration.samples": 20, "model": None})
+    plan = resolve(load_recipe(path), load_profile("cpu-w8a8"), {"calibration.samples": 20, "model": None})
     assert plan.model == "some/folder"
     assert plan.calibration.samples == 20 and plan.calibration.decode_steps == 8
     assert plan.quality.max_perplexity_ratio == 1.5
@@ -103,7 +106,8 @@ def test_accuracy_budget_sets_the_gate_and_turns_on_the_search():
     from edgelm.api import plan_build
     from edgelm.errors import ConfigError as Error
 
-    plan = plan_build("cpu-int8", accuracy_budget=1.02)
+    plan = plan_build("cpu-w8a8", accuracy_budget=1.02)
     assert plan.quality.max_perplexity_ratio == 1.02 and plan.profile.quantization.mixed_precision == "auto"
-    with pytest.raises(Error, match="needs a static-qdq profile"):
-        plan_build("cpu-fp32", accuracy_budget=1.02)
+    for profile in ("cpu-fp32", "cpu-int8"):
+        with pytest.raises(Error, match="needs a static-qdq profile"):
+            plan_build(profile, accuracy_budget=1.02)
