@@ -123,6 +123,8 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
 def build_summary(report: Any) -> Table:
     table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
     for name, facts in report.facts.items():
+        if "skipped" in facts and name != "fuse":  # stages the profile does not use (recorded in the manifest)
+            continue
         table.add_row(name, f"{report.seconds.get(name, 0):.1f}", _stage_notes(name, facts))
     table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
     return table

@@ -144,3 +144,15 @@ def test_default_cpu_int8_profile_is_8bit_weight_only(tiny_model_dir, tiny_recip
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert bits == [8] * 15 and "QuantizeLinear" not in count_ops(model)
     assert report.manifest.quality["perplexity_ratio"] <= 1.02 and report.manifest.quality["top1_agreement"] >= 0.95
+
+
+def test_cpu_int4_profile_mixes_awq_4bit_and_8bit_sensitive_matmuls(tiny_model_dir, tiny_recipe, tmp_path):
+    from edgelm import api
+
+    report = api.build(api.plan_build("cpu-int4", tiny_recipe, str(tiny_model_dir), "int4"), tmp_path / "int4")
+    model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(bits) == [4] * 10 + [8] * 5  # q, k, o, gate, up x 2 at 4 bits; v, down x 2 + head at 8
+    assert count_ops(model).get("GatherBlockQuantized") == 1
+    assert report.facts["awq"]["groups"] == 2 * 3
+    assert report.manifest.quality["perplexity_ratio"] <= 1.1
