@@ -87,8 +87,10 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         if facts["mode"] == "none":
             return "none (fp32)"
         if facts["mode"] == "weight-only":
+            eight = f" ({facts['int8_matmuls']} at 8-bit)" if facts.get("int8_matmuls") else ""
             return (f"{facts['algorithm']} {facts['bits']}-bit block {facts['block_size']}, {facts['quantized_matmuls']} MatMuls"
-                    f"{' + embedding' if facts['quantized_embeddings'] else ''}, {facts['size_mb_before']} -> {facts['size_mb_after']} MB")
+                    f"{eight}{' + embedding' if facts['quantized_embeddings'] else ''}, "
+                    f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         note = (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
                 f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         search = facts.get("mixed_precision")
