@@ -27,8 +27,8 @@ import edgelm_runtime as er
 from edgelm.config.profile import WeightOnly
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows
-from edgelm.stages.quantize import save_external, weight_matmuls
-from edgelm.stages.weight_only import quantize_weight_only, untie_lm_head
+from edgelm.stages.quantize import save_external
+from edgelm.stages.weight_only import quantize_weight_only, select_matmuls
 from edgelm_runtime.bundle import describe_files, read_manifest, write_manifest
 from edgelm_runtime.session import open_decoder
 
@@ -41,11 +41,7 @@ def quantized_bundle(reference: Path, settings: WeightOnly, dest: Path) -> Path:
         shutil.rmtree(dest)
     shutil.copytree(reference, dest, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"))
     graph = onnx.load(str(reference / "model.onnx"), load_external_data=True)
-    if settings.lm_head == "quantized":
-        untie_lm_head(graph)
-    candidates = weight_matmuls(graph)
-    matmuls = [n for n, module in candidates.items() if not any(p in module for p in settings.keep_float)]
-    int8 = [n for n in matmuls if any(p in candidates[n] for p in settings.keep_int8)]
+    matmuls, int8, _, _ = select_matmuls(graph, settings)
     save_external(quantize_weight_only(graph, settings, matmuls, int8), dest / "model.onnx")
     manifest = read_manifest(dest)
     write_manifest(dest, dataclasses.replace(manifest, name=dest.name, files=describe_files(dest)))

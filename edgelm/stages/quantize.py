@@ -24,7 +24,7 @@ from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
 from edgelm.eval.text import eval_windows
 from edgelm.stages.export import kv_shape, session_logits
 from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
-from edgelm.stages.weight_only import quantize_weight_only, untie_lm_head
+from edgelm.stages.weight_only import quantize_weight_only, select_matmuls
 
 logger = logging.getLogger(__name__)
 
@@ -124,15 +124,9 @@ class Quantize:
     def _weight_only(self, state: BuildState, settings: WeightOnly, progress: Progress) -> dict[str, Any]:
         source = state.current_onnx
         graph = onnx.load(str(source), load_external_data=True)
-        untied = untie_lm_head(graph) if settings.lm_head == "quantized" else []
-        candidates = weight_matmuls(graph)
-        heads = set(untied) | {n for n, module in candidates.items() if module.endswith("lm_head")}
-        kept = [n for n, module in candidates.items()
-                if any(p in module for p in settings.keep_float) or (settings.lm_head == "float" and n in heads)]
-        chosen = [n for n in candidates if n not in kept]
+        chosen, int8, kept, head_quantized = select_matmuls(graph, settings)
         if not chosen:
             raise StageError(self.name, "no weight MatMul left to quantize", hint="check quantization.keep_float in the profile")
-        int8 = [n for n in chosen if any(p in candidates[n] for p in settings.keep_int8)]
         progress(self.name, 0, None, f"{settings.algorithm} {settings.bits}-bit, {len(chosen)} MatMuls")
         quantized = quantize_weight_only(graph, settings, chosen, int8)
         ops = [n.op_type for n in quantized.graph.node]
@@ -144,7 +138,7 @@ class Quantize:
         state.current_onnx = target
         return {"mode": settings.mode, "bits": settings.bits, "block_size": settings.block_size,
                 "symmetric": settings.symmetric, "algorithm": settings.algorithm, "accuracy_level": settings.accuracy_level,
-                "quantized_matmuls": len(chosen), "int8_matmuls": len(int8), "kept_float": len(kept), "lm_head_quantized": bool(heads - set(kept)),
+                "quantized_matmuls": len(chosen), "int8_matmuls": len(int8), "kept_float": len(kept), "lm_head_quantized": head_quantized,
                 "quantized_embeddings": ops.count("GatherBlockQuantized"),
                 "size_mb_before": round(folder_size(source) / 1e6, 1), "size_mb_after": round(folder_size(target) / 1e6, 1)}
 

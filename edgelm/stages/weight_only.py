@@ -55,6 +55,21 @@ def untie_lm_head(model: onnx.ModelProto) -> list[str]:
     return changed
 
 
+def select_matmuls(graph: onnx.ModelProto, settings: WeightOnly) -> tuple[list[str], list[str], list[str], bool]:
+    """Untie the LM head when it is to be quantized, then split the weight MatMuls by the profile:
+    (to quantize, of those at 8 bits, kept float, whether the head is quantized)."""
+    from edgelm.stages.quantize import weight_matmuls
+
+    untied = untie_lm_head(graph) if settings.lm_head == "quantized" else []
+    candidates = weight_matmuls(graph)
+    heads = set(untied) | {n for n, module in candidates.items() if module.endswith("lm_head")}
+    kept = [n for n, module in candidates.items()
+            if any(p in module for p in settings.keep_float) or (settings.lm_head == "float" and n in heads)]
+    chosen = [n for n in candidates if n not in kept]
+    int8 = [n for n in chosen if any(p in candidates[n] for p in settings.keep_int8)]
+    return chosen, int8, kept, bool(heads - set(kept))
+
+
 def _nbits() -> Any:
     """onnxruntime's matmul_nbits_quantizer module. It calls logging.basicConfig(level=INFO) on
     import, which would print every node it skips; a handler already on the root logger stops that."""
