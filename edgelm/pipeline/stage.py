@@ -32,6 +32,7 @@ class BuildState:
     reference_onnx: Path | None = None   # fp32 export: parity and quality reference
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None
+    graph_io: Any = None                 # edgelm_runtime ModelIO of the exported graph (ExportOnnx)
     activation_stats: dict[str, float] = field(default_factory=dict)  # module path -> input outlier ratio (Smooth)
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # module path -> input (min, max)
     sensitivity: dict[str, float] = field(default_factory=dict)  # module path -> KL when its group alone is int8

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ConfigError
-from edgelm.stages.export import io_names
+from edgelm.stages.export import decoder_feed, io_names
 
 
 def builtin_prompts() -> list[str]:
@@ -117,14 +117,13 @@ class CalibrationFeeds:
 
     def _generate(self, token_ids: list[list[int]]) -> Iterator[dict[str, np.ndarray]]:
         num_layers, kv_heads, head_dim = self._kv
-        names, past_names, _, _ = io_names(num_layers)
+        _, past_names, _, _ = io_names(num_layers)
+        names = {i.name for i in self._session.get_inputs()}
         for ids in token_ids:
             past = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in past_names}
             step = np.asarray([ids], np.int64)
             for position in range(self._decode_steps + 1):
-                start = past[past_names[0]].shape[2]
-                feed = {names[0]: step, names[1]: np.ones((1, start + step.shape[1]), np.int64),
-                        names[2]: np.arange(start, start + step.shape[1], dtype=np.int64)[None], **past}
+                feed = decoder_feed(names, step, past)
                 yield feed
                 if position == self._decode_steps:
                     break

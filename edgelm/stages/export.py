@@ -22,6 +22,7 @@ from edgelm_runtime.bundle import ModelIO
 
 logger = logging.getLogger(__name__)
 IO = ModelIO()
+LOGITS_TO_KEEP = "logits_to_keep"
 PARITY_TEXT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models offline."
 
 
@@ -35,6 +36,21 @@ def io_names(num_layers: int) -> tuple[list[str], list[str], list[str], list[str
     past = [name.format(i=i) for i in range(num_layers) for name in (IO.past_key, IO.past_value)]
     present = [name.format(i=i) for i in range(num_layers) for name in (IO.present_key, IO.present_value)]
     return [IO.input_ids, IO.attention_mask, IO.position_ids], past, [IO.logits], present
+
+
+def graph_io(fused: bool) -> ModelIO:
+    """The manifest's io for a graph from this exporter (the fused route has no position_ids)."""
+    return ModelIO(position_ids=None if fused else IO.position_ids, logits_to_keep=LOGITS_TO_KEEP)
+
+
+def decoder_feed(input_names: set[str], ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs for one run after `past` (all positions' logits), filling only what the graph takes."""
+    batch, seq = ids.shape
+    start = next(iter(past.values())).shape[2]
+    feed = {IO.input_ids: ids, IO.attention_mask: np.ones((batch, start + seq), np.int64),
+            IO.position_ids: np.arange(start, start + seq, dtype=np.int64)[None].repeat(batch, 0),
+            LOGITS_TO_KEEP: np.asarray([seq], np.int64), **past}
+    return {name: value for name, value in feed.items() if name in input_names}
 
 
 def _decoder_wrapper(model: Any, num_layers: int) -> Any:
@@ -62,7 +78,9 @@ def _decoder_wrapper(model: Any, num_layers: int) -> Any:
     return FlatKVDecoder().eval()
 
 
-def export_decoder(model: Any, path: Path, opset: int) -> None:
+def export_decoder(model: Any, path: Path, opset: int, fused: bool = False, max_positions: int = 8192) -> None:
+    """Export with dynamic batch/sequence/past sizes (past may be empty). fused: the
+    GroupQueryAttention route (rows without padding); else the generic dynamo graph."""
     import torch
 
     num_layers, kv_heads, head_dim = kv_shape(model.config)
@@ -70,18 +88,60 @@ def export_decoder(model: Any, path: Path, opset: int) -> None:
     batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
     # Sample sizes > 1 everywhere: torch.export specialises dimensions whose sample size is 0 or 1.
     b, s, p = 2, 4, 3
-    sample = (torch.ones(b, s, dtype=torch.int64), torch.ones(b, s + p, dtype=torch.int64),
-              torch.arange(p, p + s).repeat(b, 1), *[torch.zeros(b, kv_heads, p, head_dim) for _ in past_names])
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-               tuple({0: batch, 2: past_len} for _ in past_names))
+    ids, mask = torch.ones(b, s, dtype=torch.int64), torch.ones(b, s + p, dtype=torch.int64)
+    past = [torch.zeros(b, kv_heads, p, head_dim) for _ in past_names]
+    if fused:
+        from edgelm.stages.fused_export import fused_decoder, translation_table
+
+        module, sample, names = fused_decoder(model, max_positions), (ids, mask, *past), inputs[:2]
+        dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past_names))
+        table = translation_table()
+    else:
+        module, names, table = _decoder_wrapper(model, num_layers), inputs, None
+        sample = (ids, mask, torch.arange(p, p + s).repeat(b, 1), *past)
+        dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+                   tuple({0: batch, 2: past_len} for _ in past_names))
     path.parent.mkdir(parents=True, exist_ok=True)
     # The exporter prints its progress and warnings to stdout/stderr; keep them in the log.
     chatter = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        torch.onnx.export(_decoder_wrapper(model, num_layers), sample, str(path), dynamo=True,
-                          input_names=inputs + past_names, output_names=outputs + present_names,
-                          dynamic_shapes=dynamic, opset_version=opset, external_data=True, verbose=False)
+        torch.onnx.export(module, sample, str(path), dynamo=True, input_names=names + past_names,
+                          output_names=outputs + present_names, dynamic_shapes=dynamic, opset_version=opset,
+                          external_data=True, verbose=False, custom_translation_table=table)
     logger.debug("torch.onnx.export output:\n%s", chatter.getvalue())
+    add_logits_to_keep(path)
+
+
+def add_logits_to_keep(path: Path) -> None:
+    """Give the graph an int64 [1] input that keeps the logits of the last N positions only.
+
+    Why: a 128-token prefill otherwise projects every position onto the 49k vocabulary (a third
+    of its work on SmolLM2) to sample from the last one. Scoring passes N = all positions. The
+    Slice goes in front of the LM head MatMul, so quantization still sees a plain MatMul."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    head = producer.get(IO.logits)
+    while head is not None and head.op_type != "MatMul":  # e.g. a bias Add or a Cast after the head
+        head = producer.get(head.input[0])
+    if head is None:
+        raise StageError("export", "no MatMul produces the logits; cannot limit them to the last positions",
+                         hint="use export.graph: generic and report this model")
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    kept, negative = f"{head.input[0]}/last_positions", f"{LOGITS_TO_KEEP}/negative"
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray([1], np.int64), "logits_to_keep/axis"),
+                              onnx.numpy_helper.from_array(np.asarray([np.iinfo(np.int64).max], np.int64),
+                                                           "logits_to_keep/end")])
+    index = list(graph.node).index(head)
+    graph.node.insert(index, helper.make_node("Slice", [head.input[0], negative, "logits_to_keep/end",
+                                                        "logits_to_keep/axis"], [kept], name="logits_to_keep/Slice"))
+    graph.node.insert(index, helper.make_node("Neg", [LOGITS_TO_KEEP], [negative], name="logits_to_keep/Neg"))
+    head.input[0] = kept
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 def torch_reference(model: Any, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,17 +160,14 @@ def onnx_logits(path: Path, input_ids: np.ndarray, kv: tuple[int, int, int]) -> 
     import onnxruntime as ort
 
     num_layers, kv_heads, head_dim = kv
-    inputs, past_names, _, _ = io_names(num_layers)
+    _, past_names, _, _ = io_names(num_layers)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    b, s = input_ids.shape
-    empty = {n: np.zeros((b, kv_heads, 0, head_dim), np.float32) for n in past_names}
-    prefill = session.run(None, {inputs[0]: input_ids[:, :-1], inputs[1]: np.ones((b, s - 1), np.int64),
-                                 inputs[2]: np.arange(s - 1, dtype=np.int64)[None].repeat(b, 0), **empty})
-    past = dict(zip(past_names, prefill[1:]))
-    step = session.run(None, {inputs[0]: input_ids[:, -1:], inputs[1]: np.ones((b, s), np.int64),
-                              inputs[2]: np.full((b, 1), s - 1, np.int64), **past})
+    names = {i.name for i in session.get_inputs()}
+    empty = {n: np.zeros((input_ids.shape[0], kv_heads, 0, head_dim), np.float32) for n in past_names}
+    prefill = session.run(None, decoder_feed(names, input_ids[:, :-1], empty))
+    step = session.run(None, decoder_feed(names, input_ids[:, -1:], dict(zip(past_names, prefill[1:]))))
     return prefill[0], step[0]
 
 
@@ -119,16 +176,15 @@ def session_logits(model: str | bytes, kv: tuple[int, int, int]) -> Any:
     import onnxruntime as ort
 
     num_layers, kv_heads, head_dim = kv
-    inputs, past_names, _, _ = io_names(num_layers)
+    _, past_names, _, _ = io_names(num_layers)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
     empty = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in past_names}
 
     def logits(ids: list[int]) -> np.ndarray:
-        feed = {inputs[0]: np.asarray([ids], np.int64), inputs[1]: np.ones((1, len(ids)), np.int64),
-                inputs[2]: np.arange(len(ids), dtype=np.int64)[None], **empty}
-        return session.run([IO.logits], feed)[0][0]
+        return session.run([IO.logits], decoder_feed(names, np.asarray([ids], np.int64), empty))[0][0]
 
     return logits
 
@@ -153,15 +209,28 @@ class ExportOnnx:
     title = "Export ONNX decoder with KV cache (torch.onnx dynamo)"
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        from edgelm.stages.fused_export import fused_export_refusal
+
         path = state.work_dir / "reference" / "model.onnx"
+        settings = state.plan.profile.export
+        refusal = fused_export_refusal(state.model) if settings.graph == "fused" else None
+        if refusal:
+            logger.warning("fused export not possible (%s); exporting the generic graph", refusal)
+        fused = settings.graph == "fused" and refusal is None
         try:
-            export_decoder(state.model, path, state.plan.profile.export.opset)
+            export_decoder(state.model, path, settings.opset, fused=fused, max_positions=state.max_seq_len)
+        except StageError:
+            raise
         except Exception as exc:
             raise StageError(self.name, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
                              hint="rerun with --debug for the exporter's full report") from exc
         progress(self.name, 0, None, "checking parity with PyTorch")
-        parity = check_parity(state.model, state.tokenizer, path, state.plan.profile.export.parity_atol, self.name)
+        parity = check_parity(state.model, state.tokenizer, path, settings.parity_atol, self.name)
         state.reference_onnx = state.current_onnx = path
+        state.graph_io = graph_io(fused)
         size = sum(p.stat().st_size for p in path.parent.iterdir())
-        return {"exporter": "torch.onnx.export(dynamo=True)", "opset": state.plan.profile.export.opset,
-                "size_mb": round(size / 1e6, 1), "parity": parity}
+        facts = {"exporter": "torch.onnx.export(dynamo=True)", "graph": "fused" if fused else "generic",
+                 "opset": settings.opset, "size_mb": round(size / 1e6, 1), "parity": parity}
+        if refusal:
+            facts["fused_refused"] = refusal
+        return facts

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from edgelm.eval.metrics import window_stats
+from edgelm.stages.fused_export import PACKED_INPUTS
 from edgelm.stages.sensitivity import group_key
 from edgelm_runtime.scoring import log_softmax
 
@@ -67,13 +68,21 @@ def _remove_dead(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
+def unpacked(module: str) -> str:
+    """The PyTorch module whose input a packed MatMul shares (statistics are measured there)."""
+    for packed, first in PACKED_INPUTS.items():
+        if module.endswith(packed):
+            return module[: -len(packed)] + first
+    return module
+
+
 def ranked_groups(candidates: dict[str, str], score_of: dict[str, float]) -> list[list[str]]:
     """MatMul node names grouped by shared input (q/k/v), highest score (measured sensitivity, or
     the input's outlier ratio) first."""
     groups: dict[str, list[str]] = {}
     for node, module in candidates.items():
         groups.setdefault(group_key(module), []).append(node)
-    score = lambda key: max(score_of.get(m, 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
+    score = lambda key: max(score_of.get(unpacked(m), 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
     return [groups[key] for key in sorted(groups, key=score, reverse=True)]
 
 

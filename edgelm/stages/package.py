@@ -16,7 +16,7 @@ import onnx
 
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import kv_shape
-from edgelm_runtime.bundle import KVLayout, Manifest, describe_files, read_manifest, write_manifest
+from edgelm_runtime.bundle import KVLayout, Manifest, ModelIO, describe_files, read_manifest, write_manifest
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -64,7 +64,7 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
         chat_template_file=CHAT_TEMPLATE_FILE if state.chat_template else None,
         kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32"),
-        max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
+        io=state.graph_io or ModelIO(), max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provenance=provenance, files=describe_files(dest))
     write_manifest(dest, manifest)

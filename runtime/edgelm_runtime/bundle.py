@@ -22,11 +22,16 @@ _UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
 
 @dataclass(frozen=True)
 class ModelIO:
-    """Graph input/output names. `{i}` in the KV names is the layer index."""
+    """Graph input/output names. `{i}` in the KV names is the layer index.
+
+    position_ids is None when the graph derives positions from the attention mask (GroupQueryAttention);
+    logits_to_keep names an int64 [1] input that limits the logits to the last N positions, so a
+    prompt's prefill computes the vocabulary projection once instead of once per token."""
 
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
+    position_ids: str | None = "position_ids"
+    logits_to_keep: str | None = None
     logits: str = "logits"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"

@@ -44,7 +44,7 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
     also when the caller closes the iterator early."""
     eos = frozenset(eos_token_ids)
     start = perf_counter()
-    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None)
+    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None, last_only=True)
     prefill_s = perf_counter() - start
     seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
     seen[np.asarray(prompt_ids)] = True
@@ -66,7 +66,7 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
                 reason = "max_seq_len"
                 break
             step = perf_counter()
-            logits, past = decoder.run(np.array([[token]], dtype=np.int64), past)
+            logits, past = decoder.run(np.array([[token]], dtype=np.int64), past, last_only=True)
             token = sampler.sample(logits[0, -1], seen)
             decode_s += perf_counter() - step
             decode_runs += 1

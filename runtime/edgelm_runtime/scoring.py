@@ -21,7 +21,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def continuation_logprobs(decoder: DecoderSession, prompt_ids: Sequence[int],
                           continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """For each continuation, the log-probability of each of its tokens after the prompt."""
-    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None)
+    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None, last_only=True)
     first = log_softmax(logits[0, -1])
     scores = []
     for tokens in continuations:

@@ -81,7 +81,8 @@ class DecoderSession:
         self._present_names = [name.format(i=i) for i in layers for name in (io.present_key, io.present_value)]
         self._io = io
         self._output_names = [io.logits, *self._present_names]
-        inputs = [io.input_ids, io.attention_mask, io.position_ids, *self._past_names]
+        optional = [name for name in (io.position_ids, io.logits_to_keep) if name]
+        inputs = [io.input_ids, io.attention_mask, *optional, *self._past_names]
         graph_inputs = {i.name for i in session.get_inputs()}
         _check_names("input", inputs, graph_inputs)
         unfed = sorted(graph_inputs - set(inputs))
@@ -98,22 +99,30 @@ class DecoderSession:
         shape = (batch, self._kv.num_kv_heads, 0, self._kv.head_dim)
         return [np.zeros(shape, dtype=self._kv_dtype) for _ in self._past_names]
 
-    def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+            last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits (B, S, V) float32 for `input_ids` (B, S) int64 after `past`, and the new present tensors.
 
         `past` is [layer0 key, layer0 value, layer1 key, ...]; None means an empty cache. Pass the
-        returned present list as the next call's past: the prompt is never run twice."""
+        returned present list as the next call's past: the prompt is never run twice. last_only:
+        logits (B, 1, V) of the last position only (what generation needs; much less work)."""
         batch, seq = input_ids.shape
         if past is None:
             past = self.empty_past(batch)
         past_len = past[0].shape[2]
+        io = self._io
         feed = {
-            self._io.input_ids: np.ascontiguousarray(input_ids, dtype=np.int64),
-            self._io.attention_mask: np.ones((batch, past_len + seq), dtype=np.int64),
-            self._io.position_ids: np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, 1)),
+            io.input_ids: np.ascontiguousarray(input_ids, dtype=np.int64),
+            io.attention_mask: np.ones((batch, past_len + seq), dtype=np.int64),
         }
+        if io.position_ids:
+            feed[io.position_ids] = np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, 1))
+        if io.logits_to_keep:
+            feed[io.logits_to_keep] = np.asarray([1 if last_only else seq], dtype=np.int64)
         feed.update(zip(self._past_names, past))
         logits, *present = self._session.run(self._output_names, feed)
+        if last_only:
+            logits = logits[:, -1:]
         return logits.astype(np.float32, copy=False), present
 
 

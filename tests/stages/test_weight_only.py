@@ -36,7 +36,7 @@ def test_int4_bundle_quantizes_every_weight_matmul_head_and_embedding(int4_repor
     model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     ops = count_ops(model)
     inits = {i.name for i in model.graph.initializer}
-    assert ops["MatMulNBits"] == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + the tied LM head
+    assert ops["MatMulNBits"] == 2 * 4 + 1  # 2 layers x (packed qkv, o, packed gate/up, down) + the tied LM head
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert ops.get("GatherBlockQuantized") == 1 and "Gather" not in ops
     assert all(a.i == 4 for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
@@ -62,7 +62,7 @@ def test_keep_float_and_float_head_stay_matmul(tiny_model_dir, tiny_recipe, tmp_
     profile = _profile(tmp_path, bits=8, symmetric=True, lm_head="float", keep_float=["down_proj"])
     report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "w8"), tmp_path / "w8")
     ops = count_ops(onnx.load(str(report.output / "model.onnx"), load_external_data=False))
-    assert ops["MatMulNBits"] == 2 * 6 and report.facts["quantize"]["kept_float"] == 2  # down_proj x2; the tied head was never untied
+    assert ops["MatMulNBits"] == 2 * 3 and report.facts["quantize"]["kept_float"] == 2  # down_proj x2; the tied head was never untied
     assert not report.facts["quantize"]["lm_head_quantized"]
 
 
@@ -73,7 +73,7 @@ def test_keep_int8_mixes_8_and_4_bit_matmuls(tiny_model_dir, tiny_recipe, tmp_pa
     report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "mixed"), tmp_path / "mixed")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert sorted(bits) == [4] * 12 + [8] * 3  # q, k, v, o, gate, up x 2 layers at 4 bits; down x 2 + head at 8
+    assert sorted(bits) == [4] * 6 + [8] * 3  # qkv, o, gate/up x 2 layers at 4 bits; down x 2 + head at 8
     assert report.facts["quantize"]["int8_matmuls"] == 3
 
 
@@ -142,7 +142,7 @@ def test_default_cpu_int8_profile_is_8bit_weight_only(tiny_model_dir, tiny_recip
     report = api.build(api.plan_build("cpu-int8", tiny_recipe, str(tiny_model_dir), "int8"), tmp_path / "int8")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert bits == [8] * 15 and "QuantizeLinear" not in count_ops(model)
+    assert bits == [8] * 9 and "QuantizeLinear" not in count_ops(model)
     assert report.manifest.quality["perplexity_ratio"] <= 1.02 and report.manifest.quality["top1_agreement"] >= 0.95
 
 
@@ -152,7 +152,7 @@ def test_cpu_int4_profile_mixes_awq_4bit_and_8bit_sensitive_matmuls(tiny_model_d
     report = api.build(api.plan_build("cpu-int4", tiny_recipe, str(tiny_model_dir), "int4"), tmp_path / "int4")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert sorted(bits) == [4] * 10 + [8] * 5  # q, k, o, gate, up x 2 at 4 bits; v, down x 2 + head at 8
+    assert sorted(bits) == [4] * 4 + [8] * 5  # o, gate/up x 2 at 4 bits; qkv, down x 2 + head at 8
     assert count_ops(model).get("GatherBlockQuantized") == 1
     assert report.facts["awq"]["groups"] == 2 * 3
     assert report.manifest.quality["perplexity_ratio"] <= 1.1
