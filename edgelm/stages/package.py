@@ -63,12 +63,19 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
     manifest = Manifest(
         name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
         chat_template_file=CHAT_TEMPLATE_FILE if state.chat_template else None,
-        kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32"),
+        kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32",
+                    share_buffer=attention_shares_kv(onnx_path)),
         io=state.graph_io or ModelIO(), max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provenance=provenance, files=describe_files(dest))
     write_manifest(dest, manifest)
     return manifest
+
+
+def attention_shares_kv(onnx_path: Path) -> bool:
+    """Every attention is GroupQueryAttention, which can take one buffer as past and present."""
+    ops = {node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    return "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops
 
 
 def session_options(state: BuildState) -> dict[str, Any]:

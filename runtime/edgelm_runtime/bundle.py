@@ -41,12 +41,17 @@ class ModelIO:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of each past/present tensor: (batch, num_kv_heads, seq, head_dim)."""
+    """Shape of each past/present tensor: (batch, num_kv_heads, seq, head_dim).
+
+    share_buffer: the attention op (GroupQueryAttention) accepts one buffer as both past and
+    present, longer than the sequence, and appends in place; the attention mask says how much of
+    it is valid. The runtime then preallocates the cache once per generation."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"
+    share_buffer: bool = False
 
 
 @dataclass(frozen=True)

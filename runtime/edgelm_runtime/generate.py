@@ -24,7 +24,8 @@ FinishReason = Literal["eos", "max_new_tokens", "max_seq_len", "stopped"]
 @dataclass(frozen=True)
 class GenerationStats:
     """generated_tokens excludes the eos token. finish_reason "stopped": a stop string matched or
-    the caller stopped reading."""
+    the caller stopped reading. decode_seconds covers the runs after the first token, each with
+    its sampling; prefill_seconds is the prompt's run alone."""
 
     prompt_tokens: int
     generated_tokens: int
@@ -33,6 +34,7 @@ class GenerationStats:
     decode_tokens_per_s: float
     time_to_first_token_s: float
     finish_reason: FinishReason
+    sampling_seconds: float = 0.0  # inside decode_seconds and time_to_first_token_s
 
 
 def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
@@ -44,13 +46,16 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
     also when the caller closes the iterator early."""
     eos = frozenset(eos_token_ids)
     start = perf_counter()
-    logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None, last_only=True)
+    stepper = decoder.stepper(capacity=min(max_seq_len, len(prompt_ids) + max_new_tokens))
+    logits = stepper.feed(np.asarray(prompt_ids, dtype=np.int64))
     prefill_s = perf_counter() - start
     seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
     seen[np.asarray(prompt_ids)] = True
-    token = sampler.sample(logits[0, -1], seen)
+    token = sampler.sample(logits, seen)
     first_token_s = perf_counter() - start
+    sampling_s = first_token_s - prefill_s
     produced, decode_runs, decode_s, reason = 0, 0, 0.0, "stopped"
+    step_ids = np.zeros(1, dtype=np.int64)
     try:
         while True:
             if token in eos:
@@ -66,16 +71,20 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
                 reason = "max_seq_len"
                 break
             step = perf_counter()
-            logits, past = decoder.run(np.array([[token]], dtype=np.int64), past, last_only=True)
-            token = sampler.sample(logits[0, -1], seen)
-            decode_s += perf_counter() - step
+            step_ids[0] = token
+            logits = stepper.feed(step_ids)
+            sampled = perf_counter()
+            token = sampler.sample(logits, seen)
+            done = perf_counter()
+            decode_s += done - step
+            sampling_s += done - sampled
             decode_runs += 1
     finally:
         if report is not None:
             report(GenerationStats(
                 prompt_tokens=len(prompt_ids), generated_tokens=produced, prefill_seconds=prefill_s,
                 decode_seconds=decode_s, decode_tokens_per_s=decode_runs / decode_s if decode_s > 0 else 0.0,
-                time_to_first_token_s=first_token_s, finish_reason=reason))
+                time_to_first_token_s=first_token_s, finish_reason=reason, sampling_seconds=sampling_s))
 
 
 class StopFilter:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelm_runtime.bundle import MANIFEST_FILE, Manifest
-from edgelm_runtime.errors import BundleError
+from edgelm_runtime.errors import BundleError, GenerationError
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -80,6 +80,7 @@ class DecoderSession:
         self._past_names = [name.format(i=i) for i in layers for name in (io.past_key, io.past_value)]
         self._present_names = [name.format(i=i) for i in layers for name in (io.present_key, io.present_value)]
         self._io = io
+        self._vocab_size = manifest.vocab_size
         self._output_names = [io.logits, *self._present_names]
         optional = [name for name in (io.position_ids, io.logits_to_keep) if name]
         inputs = [io.input_ids, io.attention_mask, *optional, *self._past_names]
@@ -92,8 +93,16 @@ class DecoderSession:
         _check_names("output", self._output_names, {o.name for o in session.get_outputs()})
 
     @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def providers(self) -> list[str]:
         return self._session.get_providers()
+
+    def stepper(self, capacity: int) -> Stepper:
+        """A single-sequence runner for generation, bound once with onnxruntime's IO binding."""
+        return Stepper(self, capacity)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self._kv.num_kv_heads, 0, self._kv.head_dim)
@@ -132,3 +141,64 @@ def _check_names(kind: str, wanted: list[str], have: set[str]) -> None:
         raise BundleError(f"the model has no {kind} {missing[0]!r} named in {MANIFEST_FILE} io "
                           f"(it has: {', '.join(sorted(have))})",
                           hint="the manifest does not match model.onnx; rebuild the bundle")
+
+
+class Stepper:
+    """Runs one sequence forward, token chunk by token chunk, returning last-position logits.
+
+    Why not `DecoderSession.run`: that hands numpy arrays in and out, so every step copies the
+    whole KV cache (twice) and the logits. Here inputs and outputs are bound once with IO binding
+    to buffers that live as long as the stepper. When the manifest says the attention op shares
+    past and present (GroupQueryAttention), each layer's K and V is one preallocated buffer of
+    `capacity` positions that the op appends to in place: no per-step allocation or copy at all.
+    Otherwise the present tensors onnxruntime allocates are bound back as the next past, never
+    converted to numpy. The returned logits (V,) are a view, valid until the next `feed`."""
+
+    def __init__(self, decoder: DecoderSession, capacity: int) -> None:
+        kv, io = decoder._kv, decoder._io
+        self._decoder, self._io, self.capacity, self.length = decoder, io, capacity, 0
+        self._binding = decoder._session.io_binding()
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        self._logits = np.empty((1, 1, decoder.vocab_size), dtype=np.float32)
+        self._shared = kv.share_buffer and io.logits_to_keep is not None
+        if io.logits_to_keep:  # bound first: get_outputs() lists outputs in binding order
+            self._binding.bind_cpu_input(io.logits_to_keep, np.ones(1, dtype=np.int64))
+            self._binding.bind_ortvalue_output(io.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        else:
+            self._binding.bind_output(io.logits, "cpu")
+        if self._shared:
+            shape = (1, kv.num_kv_heads, capacity, kv.head_dim)
+            self._cache = [np.zeros(shape, dtype=decoder._kv_dtype) for _ in decoder._past_names]
+            for past, present, buffer in zip(decoder._past_names, decoder._present_names, self._cache):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                self._binding.bind_ortvalue_input(past, value)
+                self._binding.bind_ortvalue_output(present, value)
+        else:
+            for past, value in zip(decoder._past_names, decoder.empty_past(1)):
+                self._binding.bind_cpu_input(past, value)
+            for present in decoder._present_names:
+                self._binding.bind_output(present, "cpu")
+
+    def feed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Run `token_ids` (S,) after what was fed before; logits (V,) of the last one."""
+        seq = len(token_ids)
+        total = self.length + seq
+        if total > self.capacity:
+            raise GenerationError(f"the sequence would be {total} tokens; this run holds {self.capacity}",
+                                  hint="ask for fewer new tokens or a shorter prompt")
+        io, binding = self._io, self._binding
+        binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, seq))
+        binding.bind_cpu_input(io.attention_mask, self._mask[:, :total])
+        if io.position_ids:
+            binding.bind_cpu_input(io.position_ids, np.arange(self.length, total, dtype=np.int64)[None])
+        self._decoder._session.run_with_iobinding(binding)
+        self.length = total
+        if not self._shared:
+            outputs = binding.get_outputs()
+            for past, present, value in zip(self._decoder._past_names, self._decoder._present_names, outputs[1:]):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_output(present, "cpu")  # a fresh, longer present next run
+            if not io.logits_to_keep:
+                binding.bind_output(io.logits, "cpu")
+                return outputs[0].numpy()[0, -1]
+        return self._logits[0, -1]
