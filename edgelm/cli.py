@@ -168,6 +168,47 @@ def evaluate(
     check_gates(result, gates, max_accuracy_drop)
 
 
+@app.command()
+@reports_errors
+def bench(
+    bundles: list[Path] = typer.Argument(..., help="Bundle folders; ratios are against the first."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the manifest's)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repetitions per bundle (medians reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed repetitions first."),
+    decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per decode run (forced)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines (stable schema)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart of the bundles side by side."),
+) -> None:
+    """Measure bundles here: load time, TTFT (32/128/512-token prompts), prefill and decode speed, RSS.
+
+    Each bundle runs in its own process; repetitions are interleaved across bundles."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgelm._render import bench_plot, bench_table
+    from edgelm_runtime.bench import bench as run_bench
+    from edgelm_runtime.errors import GenerationError
+
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise GenerationError("--plot needs matplotlib", hint="pip install 'edgelm[bench]'") from None
+        if plot.suffix.lower() != ".png":
+            raise GenerationError(f"--plot {plot}: the chart is written as PNG", hint="name the file *.png")
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console if as_json else console, transient=as_json) as bar:
+        task = bar.add_task("loading bundles", total=None)
+        result = run_bench(bundles, threads, repeats, warmup, decode_tokens,
+                           progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console.print(bench_table(result))
+    if plot is not None:
+        bench_plot(result, plot)
+        (err_console if as_json else console).print(f"chart written to {plot}")
+
+
 def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
               max_new_tokens: Optional[int], repetition_penalty: Optional[float]) -> dict[str, Any]:
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,

@@ -67,6 +67,11 @@ class LanguageModel:
         return self._manifest
 
     @property
+    def decoder(self) -> DecoderSession:
+        """The onnxruntime session: `run` for whole batches, `stepper` for one fast sequence."""
+        return self._decoder
+
+    @property
     def tokenizer(self) -> BundleTokenizer:
         return self._tokenizer
 
