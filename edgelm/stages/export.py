@@ -140,6 +140,8 @@ def add_logits_to_keep(path: Path) -> None:
                                                         "logits_to_keep/axis"], [kept], name="logits_to_keep/Slice"))
     graph.node.insert(index, helper.make_node("Neg", [LOGITS_TO_KEEP], [negative], name="logits_to_keep/Neg"))
     head.input[0] = kept
+    for data in path.parent.glob(path.name + ".data"):
+        data.unlink()  # loaded above; onnx would append to it and double the folder
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
 
