@@ -96,7 +96,8 @@ def bench_table(result: dict[str, Any]) -> Table:
                      f"'model only' leaves those out, 'µs/tok rest' is them); ratio: decode vs the first bundle. "
                      f"Medians of {settings['repeats']} interleaved runs after {settings['warmup']} warm-up; "
                      f"decode: {settings['decode_tokens']} tokens forced after a {settings['decode_prompt_tokens']}-token "
-                     f"prompt; threads {settings['threads'] or 'onnxruntime default'}; {result['machine']['cores']} cores")
+                     f"prompt; threads {settings['threads'] or 'onnxruntime default'}; {result['machine']['cores']} cores "
+                     f"({result['machine']['cpu']}; {' '.join(result['machine']['isa'])})")
     return table
 
 

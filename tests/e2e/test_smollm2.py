@@ -30,7 +30,8 @@ def test_manifest_has_parity_fusions_and_quality(real_int8_bundle):
     assert stages["fuse"]["fused"]["SkipSimplifiedLayerNormalization"] == 60  # 30 layers x 2
     quantize = stages["quantize"]
     assert quantize["mode"] == "weight-only" and quantize["bits"] == 8
-    assert quantize["quantized_matmuls"] == 211 and quantize["lm_head_quantized"]  # 30 layers x 7 + the tied head
+    assert quantize["quantized_matmuls"] == 121 and quantize["lm_head_quantized"]  # 30 x (qkv, o, gate/up, down) + head
+    assert stages["export"]["graph"] == "fused" and manifest["kv"]["share_buffer"]
     quality = manifest["quality"]
     assert 20 < quality["reference_perplexity"] < 40  # SmolLM2-135M on BBC tech prose
     assert quality["perplexity_ratio"] <= 1.02 and quality["top1_agreement"] >= 0.95  # the profile gates
