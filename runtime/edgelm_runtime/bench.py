@@ -85,7 +85,21 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int) -> None:
                       sampling_us=sampling_s / decode_tokens * 1e6, detokenize_us=detok_s / decode_tokens * 1e6)
         return result
 
-    _send({"load_s": load_s, "prompt_lengths": lengths, "decode_capacity": DECODE_PROMPT + decode_tokens + 1})
+    manifest = llm.manifest
+    kv = manifest.kv
+    kv_bytes_per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * (2 if kv.dtype == "float16" else 4)
+    positions = max([n + 1 for n in lengths] + [DECODE_PROMPT + decode_tokens + 1])
+    serve_worker({"name": manifest.name, "path": bundle, "profile": manifest.profile, "load_s": load_s,
+                  "size_mb": sum(f.size for f in manifest.files.values()) / 1e6, "prompt_lengths": lengths,
+                  "kv_cache_mb": kv_bytes_per_token * positions / 1e6}, repetition)
+
+
+def serve_worker(hello: dict[str, Any], repetition: Callable[[], dict[str, Any]]) -> None:
+    """The worker side of the protocol, for any engine: `hello` once (name, path, profile, load_s,
+    size_mb, prompt_lengths, kv_cache_mb), then one repetition per "run" line, then peak RSS.
+    A repetition returns ttft_ms/tokenize_ms {length: ms}, prefill_tokens_per_s,
+    decode_tokens_per_s, decode_model_tokens_per_s, sampling_us and detokenize_us."""
+    _send(hello)
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -105,13 +119,14 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def worker_command(bundle: str | Path, threads: int | None, decode_tokens: int) -> list[str]:
+    command = [sys.executable, "-m", "edgelm_runtime.bench", "--worker", str(bundle), "--decode-tokens", str(decode_tokens)]
+    return command + (["--threads", str(threads)] if threads is not None else [])
+
+
 class _Worker:
-    def __init__(self, bundle: Path, threads: int | None, decode_tokens: int) -> None:
-        command = [sys.executable, "-m", "edgelm_runtime.bench", "--worker", str(bundle),
-                   "--decode-tokens", str(decode_tokens)]
-        if threads is not None:
-            command += ["--threads", str(threads)]
-        self.bundle = bundle
+    def __init__(self, command: list[str], label: str) -> None:
+        self.label = label
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.hello = self._receive()
@@ -140,8 +155,8 @@ class _Worker:
         if not line:
             self._process.wait()
             error = self._process.stderr.read().strip().splitlines()
-            raise BundleError(f"{self.bundle}: the benchmark worker stopped ({error[-1] if error else 'no output'})",
-                              hint=f"check the bundle loads: edgelm generate {self.bundle} 'Hello'")
+            raise BundleError(f"{self.label}: the benchmark worker stopped ({error[-1] if error else 'no output'})",
+                              hint=f"check that it loads and runs on its own: edgelm generate {self.label} 'Hello'")
         return json.loads(line)
 
 
@@ -149,35 +164,42 @@ def bench(bundles: Sequence[str | Path], threads: int | None = None, repeats: in
           decode_tokens: int = 128, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Benchmark bundles interleaved; returns the stable JSON schema (see the module docstring)."""
     from edgelm_runtime.bundle import verify_bundle
+
+    for bundle in bundles:
+        verify_bundle(Path(bundle))  # a bad bundle fails here, before any timing
+    workers = [(str(b), worker_command(b, threads, decode_tokens)) for b in bundles]
+    return bench_workers(workers, threads, repeats, warmup, decode_tokens, progress)
+
+
+def bench_workers(workers: Sequence[tuple[str, list[str]]], threads: int | None, repeats: int, warmup: int,
+                  decode_tokens: int, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run (label, command) workers that speak `serve_worker`'s protocol, interleaved, and
+    summarise them; benchmarks/compare_llamacpp.py puts llama.cpp beside bundles this way."""
     from edgelm_runtime.errors import GenerationError
 
     if repeats < 1 or warmup < 0 or decode_tokens < 1:
         raise GenerationError(f"repeats {repeats}, warmup {warmup}, decode tokens {decode_tokens}: need "
                               "repeats >= 1, warmup >= 0, decode tokens >= 1", hint="e.g. --repeats 5 --warmup 1")
-    paths = [Path(b) for b in bundles]
-    manifests = [verify_bundle(p) for p in paths]  # a bad bundle fails here, before any timing
-    total = len(paths) * (warmup + repeats)
-    workers: list[_Worker] = []
-    runs: list[list[dict[str, Any]]] = [[] for _ in paths]
+    started: list[_Worker] = []
+    runs: list[list[dict[str, Any]]] = [[] for _ in workers]
+    total, done = len(workers) * (warmup + repeats), 0
     try:
-        for path in paths:  # loaded one after the other: load times are not contended
-            workers.append(_Worker(path, threads, decode_tokens))
-        done = 0
+        for label, command in workers:  # loaded one after the other: load times are not contended
+            started.append(_Worker(command, label))
         for repetition in range(warmup + repeats):
-            for index, worker in enumerate(workers):
+            for index, worker in enumerate(started):
                 result = worker.run()
                 if repetition >= warmup:
                     runs[index].append(result)
                 done += 1
                 if progress:
-                    progress(f"{worker.bundle.name} ({'warm-up' if repetition < warmup else f'run {repetition - warmup + 1}'})",
-                             done, total)
-        finals = [worker.stop() for worker in workers]
+                    what = "warm-up" if repetition < warmup else f"run {repetition - warmup + 1}"
+                    progress(f"{worker.hello['name']} ({what})", done, total)
+        finals = [worker.stop() for worker in started]
     finally:
-        for worker in workers:
+        for worker in started:
             worker.kill()
-    rows = [_row(path, manifest, worker.hello, final, results)
-            for path, manifest, worker, final, results in zip(paths, manifests, workers, finals, runs)]
+    rows = [_row(worker.hello, final, results) for worker, final, results in zip(started, finals, runs)]
     base = rows[0]["decode_tokens_per_s"]
     for row in rows:
         row["decode_ratio_vs_first"] = row["decode_tokens_per_s"] / base
@@ -186,8 +208,7 @@ def bench(bundles: Sequence[str | Path], threads: int | None = None, repeats: in
             "machine": _machine()}
 
 
-def _row(path: Path, manifest: Any, hello: dict[str, Any], final: dict[str, Any],
-         results: list[dict[str, Any]]) -> dict[str, Any]:
+def _row(hello: dict[str, Any], final: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     def spread(values: list[float]) -> dict[str, float]:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -196,17 +217,13 @@ def _row(path: Path, manifest: Any, hello: dict[str, Any], final: dict[str, Any]
     detail = {key: spread([r[key] for r in results]) for key in keys}
     detail["ttft_ms"] = {n: spread([r["ttft_ms"][n] for r in results]) for n in lengths}
     detail["tokenize_ms"] = {n: spread([r["tokenize_ms"][n] for r in results]) for n in lengths}
-    kv = manifest.kv
-    kv_bytes_per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * (2 if kv.dtype == "float16" else 4)
     return {
-        "name": manifest.name, "path": str(path), "profile": manifest.profile,
+        "name": hello["name"], "path": hello["path"], "profile": hello["profile"],
         "decode_tokens_per_s": detail["decode_tokens_per_s"]["median"],
         "prefill_tokens_per_s": detail["prefill_tokens_per_s"]["median"],
         "ttft_ms": {n: detail["ttft_ms"][n]["median"] for n in lengths},
-        "peak_rss_mb": final["peak_rss_mb"], "load_s": hello["load_s"],
-        "size_mb": sum(f.size for f in manifest.files.values()) / 1e6,
-        "kv_cache_mb": kv_bytes_per_token * max([int(n) + 1 for n in lengths] + [hello["decode_capacity"]]) / 1e6,
-        "detail": detail,
+        "peak_rss_mb": final["peak_rss_mb"], "load_s": hello["load_s"], "size_mb": hello["size_mb"],
+        "kv_cache_mb": hello["kv_cache_mb"], "detail": detail,
     }
 
 
