@@ -1,8 +1,15 @@
-"""llama.cpp side of the peer benchmark: decode speed, prefill speed and time to first token of
-SmolLM2-135M-Instruct as Q8_0 and Q4_0 GGUFs, measured the way benchmarks/decode_speed.py measures
-edgelm bundles (greedy argmax, eos ignored, forced to length, medians of --repeats).
+"""edgelm bundles against llama.cpp on the same model, in one run: `edgelm bench` with peers.
 
-    python benchmarks/compare_llamacpp.py [--threads 2] [--repeats 5] [--tokens 128] [--cache DIR] [--json out.json]
+    python benchmarks/compare_llamacpp.py dist/smollm2-int8 dist/smollm2-int4 --threads 2 --repeats 5 \
+        [--tokens 128] [--cache DIR] [--json out.json] [--plot out.png]
+
+llama.cpp runs through llama-cpp-python on SmolLM2-135M-Instruct as Q8_0 and Q4_0 GGUFs made by
+llama.cpp's own quantizer, each in a worker process that speaks edgelm bench's protocol
+(edgelm_runtime.bench.serve_worker) and measures the same things the same way: TTFT for 32/128/512
+tokens (tokenize + prefill + first greedy token), prefill tokens/s on the 512-token prompt, decode
+forced to --tokens after a 128-token prompt (greedy argmax over the logits, eos ignored; "model
+only" = llama_decode alone, the number llama-bench's tg reports), load time, peak RSS. All workers
+are interleaved repetition by repetition; ratios are against the first row (llama.cpp Q8_0).
 
 Needs llama-cpp-python (not a dependency of edgelm). The default wheel build uses -march=native,
 which on this VM (CPU advertises AMX, faults on AMX tile instructions) compiles ggml's AMX matmul
@@ -28,19 +35,13 @@ import ctypes
 import importlib.util
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import llama_cpp
-
-PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle. "
-PROMPT_LENGTHS = (32, 128, 512)
-DECODE_CONTEXT = 128  # decode continues after the 128-token prompt, so context runs 128..128+tokens
-FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_0
 
 
 def source_gguf() -> Path:
@@ -52,10 +53,12 @@ def source_gguf() -> Path:
 
 def quantize(src: Path, dest: Path, ftype: int) -> Path:
     """Quantize with llama.cpp's own quantizer; allow_requantize because the source is Q4_1."""
+    import llama_cpp
+
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # else one line per tensor (as verbose=False)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # else one line per tensor
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.allow_requantize = True
@@ -73,133 +76,98 @@ def make_ggufs(cache: Path) -> dict[str, Path]:
     return {name: quantize(src, cache / f"SmolLM2-135M-Instruct.{name}.gguf", ftype) for name, ftype in FTYPES.items()}
 
 
-def load(gguf_path: Path, threads: int) -> tuple[llama_cpp.Llama, float]:
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(str(gguf_path), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=1024, n_batch=512, verbose=False)
-    return llm, time.perf_counter() - start
+def llamacpp_worker(gguf: Path, threads: int, decode_tokens: int) -> None:
+    """One GGUF behind edgelm bench's worker protocol."""
+    started = time.perf_counter()
+    import llama_cpp
 
+    from edgelm_runtime.bench import DECODE_PROMPT, PROMPT_LENGTHS, TEXT, serve_worker
 
-def prompt_ids(llm: llama_cpp.Llama, prompt_ids_or_text: list[int] | str, length: int) -> list[int]:
-    """`length` token ids of the text (repeated as needed) by llama's own tokenizer, no BOS,
-    like decode_speed.py's add_special_tokens=False."""
-    if isinstance(prompt_ids_or_text, str):
-        once = llm.tokenize(prompt_ids_or_text.encode(), add_bos=False, special=False)
-        ids = once * (length // len(once) + 1)
-    else:
-        ids = list(prompt_ids_or_text)
-    if len(ids) < length:
-        raise ValueError(f"need {length} prompt tokens, got {len(ids)}")
-    return ids[:length]
+    llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                          verbose=False)
+    load_s = time.perf_counter() - started
+    vocab = llm.n_vocab()
+    reference = llm.tokenize((TEXT * 40).encode(), add_bos=False, special=False)
+    texts = {n: llm.detokenize(reference[: n + 16]) for n in PROMPT_LENGTHS}
 
+    def greedy() -> int:
+        # Without logits_all, Llama.eval() no longer copies logits into llm.scores (0.3.x): read the context.
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
 
-def argmax_last(llm: llama_cpp.Llama) -> int:
-    """Greedy token from the last position's logits, read straight from the context: without
-    logits_all, Llama.eval() no longer copies logits into llm.scores (0.3.x), so _scores is stale."""
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-    return int(logits.argmax())
+    def repetition() -> dict:
+        result: dict = {"ttft_ms": {}, "tokenize_ms": {}}
+        for n in PROMPT_LENGTHS:
+            llm.reset()  # back to position 0; eval() drops the cache from there: no prompt reuse
+            start = time.perf_counter()
+            ids = llm.tokenize(texts[n], add_bos=False, special=False)[:n]
+            tokenized = time.perf_counter()
+            llm.eval(ids)
+            prefilled = time.perf_counter()
+            greedy()
+            result["ttft_ms"][str(n)] = (time.perf_counter() - start) * 1e3
+            result["tokenize_ms"][str(n)] = (tokenized - start) * 1e3
+            result["prefill_tokens_per_s"] = n / (prefilled - tokenized)
+        llm.reset()
+        llm.eval(reference[:DECODE_PROMPT])
+        token, model_s, sampling_s, detok_s = greedy(), 0.0, 0.0, 0.0
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            t0 = time.perf_counter()
+            llm.eval([token])
+            t1 = time.perf_counter()
+            token = greedy()
+            t2 = time.perf_counter()
+            llm.detokenize([token])
+            detok_s += time.perf_counter() - t2
+            model_s, sampling_s = model_s + t1 - t0, sampling_s + t2 - t1
+        total = time.perf_counter() - start
+        return {**result, "decode_tokens_per_s": decode_tokens / total, "decode_model_tokens_per_s": decode_tokens / model_s,
+                "sampling_us": sampling_s / decode_tokens * 1e6, "detokenize_us": detok_s / decode_tokens * 1e6}
 
-
-def prefill(llm: llama_cpp.Llama, ids: list[int]) -> tuple[float, float, int]:
-    """(prefill s, time to first token s, first token). reset() rewinds to position 0 and eval()
-    drops the KV cache from there, so no prompt-cache reuse between repetitions."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(ids)
-    done = time.perf_counter()
-    token = argmax_last(llm)
-    return done - start, time.perf_counter() - start, token
-
-
-def decode(llm: llama_cpp.Llama, token: int, tokens: int) -> float:
-    """Decode tokens/s over `tokens` greedy steps, eos ignored, one eval() per token."""
-    start = time.perf_counter()
-    for _ in range(tokens):
-        llm.eval([token])
-        token = argmax_last(llm)
-    return tokens / (time.perf_counter() - start)
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-def measure_llamacpp(gguf_path: Path | str, prompt_ids_or_text: list[int] | str = PROMPT,
-                     decode_tokens: int = 128, threads: int = 2, repeats: int = 5) -> dict:
-    """Load s, TTFT per prompt length, prefill tok/s (512-token prompt) and decode tok/s.
-    One warm-up pass, then `repeats` passes; each statistic as median/min/max/runs."""
-    loads = []
-    for _ in range(repeats + 1):  # first load warms the page cache; the last instance is measured
-        llm = None  # free the previous instance before timing the next load
-        llm, seconds = load(Path(gguf_path), threads)
-        loads.append(seconds)
-    loads = loads[1:]
-    prompts = {n: prompt_ids(llm, prompt_ids_or_text, n) for n in PROMPT_LENGTHS}
-    ttft: dict[int, list[float]] = {n: [] for n in PROMPT_LENGTHS}
-    prefill_speed, decode_speed = [], []
-    for rep in range(repeats + 1):  # rep 0 is the warm-up
-        for n, ids in prompts.items():
-            prefill_s, first_s, token = prefill(llm, ids)
-            if n == DECODE_CONTEXT:
-                speed = decode(llm, token, decode_tokens)
-            if rep:
-                ttft[n].append(first_s * 1000)
-                if n == max(PROMPT_LENGTHS):
-                    prefill_speed.append(n / prefill_s)
-                if n == DECODE_CONTEXT:
-                    decode_speed.append(speed)
-    llm.close()
-    return {"gguf": str(gguf_path), "size_mb": Path(gguf_path).stat().st_size / 1e6,
-            "threads": threads, "repeats": repeats, "decode_tokens": decode_tokens,
-            "decode_context": DECODE_CONTEXT, "load_s": spread(loads),
-            "ttft_ms": {str(n): spread(v) for n, v in ttft.items()},
-            "prefill_tokens_per_s": spread(prefill_speed), "decode_tokens_per_s": spread(decode_speed)}
-
-
-def llamacpp_rows(cache: Path, threads: int = 2, repeats: int = 5, tokens: int = 128) -> list[dict]:
-    """Rows in the schema shared with the edgelm benchmark (medians), plus the raw measurement."""
-    rows = []
-    for name, path in make_ggufs(cache).items():
-        m = measure_llamacpp(path, PROMPT, tokens, threads, repeats)
-        rows.append({"name": f"llama.cpp {name}",
-                     "decode_tokens_per_s": m["decode_tokens_per_s"]["median"],
-                     "prefill_tokens_per_s": m["prefill_tokens_per_s"]["median"],
-                     "ttft_ms": {n: v["median"] for n, v in m["ttft_ms"].items()},
-                     "size_mb": m["size_mb"], "load_s": m["load_s"]["median"], "detail": m})
-    return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"{'peer':<22} {'decode tok/s median (min-max)':<30} {'prefill tok/s':>13} "
-          f"{'TTFT ms 32/128/512':>20} {'size MB':>8} {'load s':>7}")
-    for row in rows:
-        d = row.get("detail", {}).get("decode_tokens_per_s")
-        decode = f"{row['decode_tokens_per_s']:.1f}" + (f" ({d['min']:.1f}-{d['max']:.1f})" if d else "")
-        ttft = "/".join(f"{row['ttft_ms'][n]:.0f}" for n in ("32", "128", "512"))
-        print(f"{row['name']:<22} {decode:<30} {row['prefill_tokens_per_s']:>13.0f} {ttft:>20} "
-              f"{row['size_mb']:>8.1f} {row['load_s']:>7.2f}")
+    kv_mb = llm.n_ctx() * 2 * 30 * 3 * 64 * 2 / 1e6  # f16 cache of n_ctx positions (SmolLM2: 30 layers, 3 KV heads of 64)
+    serve_worker({"name": f"llama.cpp {gguf.stem.rsplit('.', 1)[-1]}", "path": str(gguf), "profile": "llama.cpp",
+                  "load_s": load_s, "size_mb": gguf.stat().st_size / 1e6, "prompt_lengths": list(PROMPT_LENGTHS),
+                  "kv_cache_mb": kv_mb}, repetition)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundles", nargs="*", help="edgelm bundles to add as rows (hook, not yet measured)")
+    parser.add_argument("bundles", nargs="*", type=Path, help="edgelm bundles, measured beside llama.cpp")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--cache", type=Path, default=Path("~/.cache/edgelm-bench").expanduser())
-    parser.add_argument("--json", type=Path, help="write the rows (with raw runs) here")
+    parser.add_argument("--cache", type=Path, default=Path("~/.cache/edgelm-bench"))
+    parser.add_argument("--json", type=Path, help="write the full result here")
+    parser.add_argument("--plot", type=Path, help="write a PNG chart here")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bundles:  # hook: measure bundles with the same prompts/protocol and append rows here
-        parser.error("edgelm bundle rows are not implemented yet; run without bundles")
+    if args.worker:
+        llamacpp_worker(args.worker, args.threads, args.tokens)
+        return
+
+    import llama_cpp
+    from rich.console import Console
+
+    from edgelm._render import bench_plot, bench_table
+    from edgelm_runtime.bench import bench_workers, worker_command
+    from edgelm_runtime.bundle import verify_bundle
+
     if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode():
         print("warning: this llama.cpp build uses AMX; on CPUs that fault on AMX tiles it segfaults "
               "(see the install note at the top of this file)", file=sys.stderr)
-    rows = llamacpp_rows(args.cache.expanduser(), args.threads, args.repeats, args.tokens)
-    print(f"{args.threads} threads, {args.repeats} repeats, {args.tokens} decode tokens after a "
-          f"{DECODE_CONTEXT}-token prompt; prefill tok/s on the 512-token prompt")
-    print_table(rows)
+    for bundle in args.bundles:
+        verify_bundle(bundle)
+    workers = [(f"llama.cpp {name}", [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads),
+                                      "--tokens", str(args.tokens)])
+               for name, path in make_ggufs(args.cache.expanduser()).items()]
+    workers += [(str(b), worker_command(b, args.threads, args.tokens)) for b in args.bundles]
+    result = bench_workers(workers, args.threads, args.repeats, 1, args.tokens,
+                           progress=lambda what, done, total: print(f"[{done}/{total}] {what}", file=sys.stderr))
+    Console(width=160).print(bench_table(result))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        bench_plot(result, args.plot)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,22 @@ class TimedSession:
         return getattr(self._session, name)
 
 
+def weight_bytes_per_token(model_path: Path) -> int:
+    """Bytes of weights one decode step reads: every initializer, except that an embedding table
+    read only by a Gather contributes one row. KV cache and activations are not counted."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    other_uses = {name for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for name in n.input}
+    tables = gathered - other_uses  # a tied LM head reads the whole table every step
+    total = 0
+    for init in model.graph.initializer:
+        size = next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
+        total += size // init.dims[0] if init.name in tables and init.dims else size
+    return total
+
+
 def decode(decoder: DecoderSession, prompt: list[int], tokens: int) -> list[float]:
     """Per-token wall seconds of `tokens` greedy steps after the prompt."""
     stepper = decoder.stepper(len(prompt) + tokens + 1)
@@ -60,6 +76,8 @@ def main() -> None:
     parser.add_argument("bundle")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bandwidth-gbs", type=float, default=18.0,
+                        help="memory bandwidth of this machine, GB/s (18: measured on the project's 2-core machines)")
     args = parser.parse_args()
     llm = er.load_bundle(args.bundle, threads=args.threads)
     prompt = llm.tokenizer.encode(PROMPT, add_special_tokens=False)[:128]
@@ -91,6 +109,10 @@ def main() -> None:
     print(f"  Python: binding, argmax, loop {(wall - inside) * 1e6:7.0f} µs  ({(wall - inside) / wall:.1%})")
     print(f"profiled pass: run {run * 1e3:.3f} ms (median), kernels {kernel_total * 1e3:.3f} ms "
           f"(the rest is onnxruntime's executor and the profiler itself)")
+    read = weight_bytes_per_token(Path(args.bundle) / llm.manifest.model_file)
+    limit = args.bandwidth_gbs * 1e9 / read
+    print(f"weights read per token {read / 1e6:.0f} MB: bandwidth-bound limit at {args.bandwidth_gbs:g} GB/s "
+          f"{limit:.0f} tok/s; this run reaches {1 / wall / limit:.0%} of it")
     print("kernel time by op type (share of kernel time):")
     for op, seconds in kernels.most_common(8):
         print(f"  {op:<36} {seconds / sum(kernels.values()):6.1%}")

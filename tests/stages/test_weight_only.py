@@ -153,6 +153,9 @@ def test_cpu_int4_profile_mixes_awq_4bit_and_8bit_sensitive_matmuls(tiny_model_d
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(bits) == [4] * 4 + [8] * 5  # o, gate/up x 2 at 4 bits; qkv, down x 2 + head at 8
+    blocks = {(next(a.i for a in n.attribute if a.name == "bits"), next(a.i for a in n.attribute if a.name == "block_size"))
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert blocks == {(4, 16), (8, 32)}  # 8-bit MatMuls keep cpu-int8's block 32: fewer scale bytes per token
     assert count_ops(model).get("GatherBlockQuantized") == 1
     assert report.facts["awq"]["groups"] == 2 * 3
     assert report.manifest.quality["perplexity_ratio"] <= 1.1

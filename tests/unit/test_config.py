@@ -11,7 +11,9 @@ from edgelm.errors import ConfigError
 
 def test_builtin_profiles_load_with_their_capabilities():
     profiles = {p.name: p for p in list_profiles()}
-    assert {"cpu-fp32", "cpu-int8", "cpu-int4", "cpu-w8a8"} <= set(profiles)
+    assert {"cpu-fp32", "cpu-int8", "cpu-int4", "cpu-int4-fast", "cpu-w8a8"} <= set(profiles)
+    fast = profiles["cpu-int4-fast"].quantization  # llama.cpp Q4_0's scheme, everything at 4 bits
+    assert (fast.bits, fast.block_size, fast.symmetric, fast.keep_int8, fast.embeddings) == (4, 32, True, (), "int4")
     w8a8 = profiles["cpu-w8a8"].quantization
     assert isinstance(w8a8, StaticQDQ) and w8a8.per_channel and w8a8.activation_dtype == "uint8"
     int8, int4 = profiles["cpu-int8"].quantization, profiles["cpu-int4"].quantization
