@@ -118,6 +118,7 @@ def bench_plot(result: dict[str, Any], path: Any) -> None:
     for axis, (title, values) in zip(axes, panels):
         bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
         axis.bar_label(bars, fmt="%.0f")
+        axis.margins(y=0.15)
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.suptitle(f"edgelm bench ({result['settings']['threads'] or 'default'} threads, medians)")
