@@ -132,7 +132,10 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         return f"{facts['model']} ({facts['format']}, {facts['parameters'] / 1e6:.1f}M params)"
     if name == "export":
         p = facts["parity"]
-        return f"{facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
+        graph = {"fused": "fused (packed QKV, GroupQueryAttention, packed gate/up)"}.get(facts.get("graph"), "generic")
+        if facts.get("fused_refused"):
+            graph += f" ({facts['fused_refused']})"
+        return f"{graph}, {facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
     if name == "fuse":
         return ", ".join(f"{op} x{n}" for op, n in facts.get("fused", {}).items()) or facts.get("skipped", "")
     if name == "quantize":

@@ -174,7 +174,7 @@ def bench(bundles: Sequence[str | Path], threads: int | None = None, repeats: in
 def bench_workers(workers: Sequence[tuple[str, list[str]]], threads: int | None, repeats: int, warmup: int,
                   decode_tokens: int, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run (label, command) workers that speak `serve_worker`'s protocol, interleaved, and
-    summarise them; benchmarks/compare_llamacpp.py puts llama.cpp beside bundles this way."""
+    summarise them; benchmarks/compare_peers.py puts llama.cpp and onnxruntime-genai beside bundles this way."""
     from edgelm_runtime.errors import GenerationError
 
     if repeats < 1 or warmup < 0 or decode_tokens < 1:

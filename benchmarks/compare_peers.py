@@ -1,7 +1,11 @@
-"""edgelm bundles against llama.cpp on the same model, in one run: `edgelm bench` with peers.
+"""edgelm bundles against llama.cpp and onnxruntime-genai on the same model, in one run.
 
-    python benchmarks/compare_llamacpp.py dist/smollm2-int8 dist/smollm2-int4 --threads 2 --repeats 5 \
+    python benchmarks/compare_peers.py dist/smollm2-int8 dist/smollm2-int4 --threads 2 --repeats 5 \
+        [--genai-python /work/genai-venv/bin/python --genai-model DIR ...] \
         [--tokens 128] [--cache DIR] [--json out.json] [--plot out.png]
+
+onnxruntime-genai runs from its own virtual environment (it pins its own onnxruntime), through
+benchmarks/genai_worker.py, on models made by its own builder; see that file for the setup.
 
 llama.cpp runs through llama-cpp-python on SmolLM2-135M-Instruct as Q8_0 and Q4_0 GGUFs made by
 llama.cpp's own quantizer, each in a worker process that speaks edgelm bench's protocol
@@ -139,6 +143,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/edgelm-bench"))
     parser.add_argument("--json", type=Path, help="write the full result here")
     parser.add_argument("--plot", type=Path, help="write a PNG chart here")
+    parser.add_argument("--genai-python", type=Path, help="python of a venv with onnxruntime-genai")
+    parser.add_argument("--genai-model", type=Path, action="append", default=[], help="a genai model folder")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -160,6 +166,11 @@ def main() -> None:
     workers = [(f"llama.cpp {name}", [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads),
                                       "--tokens", str(args.tokens)])
                for name, path in make_ggufs(args.cache.expanduser()).items()]
+    if args.genai_model and not args.genai_python:
+        parser.error("--genai-model needs --genai-python (the venv where onnxruntime-genai is installed)")
+    genai = Path(__file__).with_name("genai_worker.py")
+    workers += [(str(m), [str(args.genai_python), str(genai), "--model", str(m), "--threads", str(args.threads),
+                          "--tokens", str(args.tokens)]) for m in args.genai_model]
     workers += [(str(b), worker_command(b, args.threads, args.tokens)) for b in args.bundles]
     result = bench_workers(workers, args.threads, args.repeats, 1, args.tokens,
                            progress=lambda what, done, total: print(f"[{done}/{total}] {what}", file=sys.stderr))
