@@ -4,7 +4,7 @@
         [--genai-python /work/genai-venv/bin/python --genai-model DIR ...] \
         [--tokens 128] [--cache DIR] [--json out.json] [--plot out.png]
 
-onnxruntime-genai runs from its own virtual environment (it pins its own onnxruntime), through
+onnxruntime-genai runs from its own virtual environment (kept apart from edgelm's packages), through
 benchmarks/genai_worker.py, on models made by its own builder; see that file for the setup.
 
 llama.cpp runs through llama-cpp-python on SmolLM2-135M-Instruct as Q8_0 and Q4_0 GGUFs made by
