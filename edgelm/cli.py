@@ -48,8 +48,12 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: Optional[int]) -> dict[str, Any]:
-    return {"calibration.source": calibration, "calibration.samples": samples, "max_seq_len": max_seq_len}
+def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: Optional[int],
+               templates: Optional[Path] = None) -> dict[str, Any]:
+    from edgelm.config.templates import load_templates
+
+    return {"calibration.source": calibration, "calibration.samples": samples, "max_seq_len": max_seq_len,
+            "templates": load_templates(templates) if templates else None}
 
 
 @app.command()
@@ -64,6 +68,7 @@ def build(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Context length of the bundle."),
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
     accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max perplexity ratio vs fp32; keeps the fewest MatMuls in fp32 that meet it."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates .yaml (added to the defaults by name)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
 ) -> None:
     """Build a bundle: load -> export -> fuse -> quantize -> package -> quality check."""
@@ -71,8 +76,8 @@ def build(
     from edgelm._render import BuildProgress, build_summary, quiet_libraries
 
     quiet_libraries()
-    plan = api.plan_build(profile, recipe, model, name or output.name, _overrides(calibration, samples, max_seq_len),
-                          accuracy_budget)
+    plan = api.plan_build(profile, recipe, model, name or output.name,
+                          _overrides(calibration, samples, max_seq_len, templates), accuracy_budget)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with BuildProgress(console, api.PIPELINE) as progress:
@@ -91,11 +96,13 @@ def plan(
     samples: Optional[int] = typer.Option(None, "--calibration-samples"),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
     accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget"),
+    templates: Optional[Path] = typer.Option(None, "--templates"),
 ) -> None:
     """Print the fully resolved build plan (every default explicit) without building."""
     from edgelm import api
 
-    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len), accuracy_budget)
+    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len, templates),
+                              accuracy_budget)
     console.print_json(json.dumps(resolved.summary()))
 
 

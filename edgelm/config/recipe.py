@@ -11,6 +11,7 @@ from pydantic import Field
 
 from edgelm.config._yaml import load_yaml_model
 from edgelm.config.profile import Frozen
+from edgelm.config.templates import TemplateSpec
 from edgelm.errors import ConfigError
 
 
@@ -41,6 +42,8 @@ class Recipe(Frozen):
     max_seq_len: int | None = Field(None, ge=16)
     calibration: CalibrationSettings = CalibrationSettings()
     quality: QualitySettings = QualitySettings()
+    # prompt templates added to (or replacing by name) edgelm's defaults in the bundle
+    templates: dict[str, TemplateSpec] = {}
 
 
 def load_recipe(path: str | Path) -> Recipe:

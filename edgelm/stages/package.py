@@ -17,10 +17,12 @@ import onnx
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import kv_shape
 from edgelm_runtime.bundle import KVLayout, Manifest, ModelIO, describe_files, read_manifest, write_manifest
+from edgelm_runtime.prompts import write_prompts
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "templates/chat.jinja"
+PROMPTS_FILE = "templates/prompts.json"
 _VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
 
@@ -59,10 +61,14 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
     if state.chat_template:
         (dest / CHAT_TEMPLATE_FILE).parent.mkdir(parents=True, exist_ok=True)
         (dest / CHAT_TEMPLATE_FILE).write_text(state.chat_template, encoding="utf-8")
+    prompts = {name: spec.to_runtime(name) for name, spec in state.plan.templates.items()}
+    if prompts:
+        write_prompts(dest / PROMPTS_FILE, prompts)
     num_layers, kv_heads, head_dim = kv_shape(state.model.config)
     manifest = Manifest(
         name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
         chat_template_file=CHAT_TEMPLATE_FILE if state.chat_template else None,
+        prompt_templates_file=PROMPTS_FILE if prompts else None,
         kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32",
                     share_buffer=attention_shares_kv(onnx_path)),
         io=state.graph_io or ModelIO(), max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),

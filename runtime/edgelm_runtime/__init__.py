@@ -8,16 +8,19 @@ from edgelm_runtime.bundle import FORMAT_VERSION, Manifest, read_manifest, verif
 from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats
 from edgelm_runtime.model import LanguageModel, load_bundle
+from edgelm_runtime.prompts import Classification, PromptTemplate
 from edgelm_runtime.sampling import SamplingParams
 
 __all__ = [
     "FORMAT_VERSION",
     "BundleError",
+    "Classification",
     "EdgelmRuntimeError",
     "GenerationError",
     "GenerationStats",
     "LanguageModel",
     "Manifest",
+    "PromptTemplate",
     "SamplingParams",
     "TemplateError",
     "load_bundle",

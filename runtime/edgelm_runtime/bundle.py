@@ -86,6 +86,7 @@ class Manifest:
     bos_token: str | None = None
     eos_token: str | None = None
     chat_template_file: str | None = None
+    prompt_templates_file: str | None = None
     session_options: dict[str, Any] = field(default_factory=dict)
     generation: GenerationDefaults = GenerationDefaults()
     quality: dict[str, Any] = field(default_factory=dict)

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from edgelm_runtime.bundle import Manifest, resolve_inside, verify_bundle
-from edgelm_runtime.errors import BundleError, GenerationError
+from edgelm_runtime.errors import BundleError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
+from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
 from edgelm_runtime.scoring import continuation_logprobs
 from edgelm_runtime.session import DecoderSession, open_decoder
@@ -42,15 +43,19 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     else:
         template = ChatTemplate.from_file(resolve_inside(folder, manifest.chat_template_file, "chat_template_file"),
                                           manifest.bos_token, manifest.eos_token)
+    prompts = {}
+    if manifest.prompt_templates_file is not None:
+        prompts = read_prompts(resolve_inside(folder, manifest.prompt_templates_file, "prompt_templates_file"))
     decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads)
-    return LanguageModel(folder, manifest, decoder, tokenizer, template)
+    return LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
 
 
 class LanguageModel:
     """A loaded bundle. Not thread-safe: serve one request at a time per instance."""
 
     def __init__(self, path: Path, manifest: Manifest, decoder: DecoderSession, tokenizer: BundleTokenizer,
-                 chat_template: ChatTemplate) -> None:
+                 chat_template: ChatTemplate, prompts: dict[str, PromptTemplate] | None = None) -> None:
+        self._prompts = dict(prompts or {})
         self._path = path
         self._manifest = manifest
         self._decoder = decoder
@@ -145,6 +150,69 @@ class LanguageModel:
         for tokens in continuations:
             self._check_prompt(tokens, limit=longest)
         return continuation_logprobs(self._decoder, ids, continuations)
+
+    @property
+    def templates(self) -> dict[str, PromptTemplate]:
+        """The bundle's prompt templates by name (zero/few-shot classification and free prompts)."""
+        return dict(self._prompts)
+
+    def template(self, name: str) -> PromptTemplate:
+        if name not in self._prompts:
+            raise TemplateError(f"no prompt template {name!r} in {self._path.name}",
+                                hint=f"templates here: {', '.join(sorted(self._prompts)) or 'none'}")
+        return self._prompts[name]
+
+    def render(self, name: str, **variables: Any) -> str:
+        """A generate template's prompt with its variables filled (missing/unknown ones raise)."""
+        return self.template(name).render(**variables)
+
+    def complete(self, name: str, /, max_new_tokens: int | None = None, sampling: SamplingParams | None = None,
+                 **variables: Any) -> str:
+        """Render a generate template and continue it; stops at the template's stop strings.
+        (`max_new_tokens` and `sampling` are reserved: templates cannot use them as variables.)"""
+        template = self.template(name)
+        prompt = template.render(**variables)
+        params = sampling or self.sampling_params()
+        ids = self._tokenizer.encode(prompt, add_special_tokens=True)
+        limit = max_new_tokens or template.max_new_tokens
+        return "".join(self._stream_text(ids, limit, params, list(template.stop) or None))
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """Mean log-probability per token of each continuation after `prompt` (the prompt runs once).
+
+        Continuation tokens are those of prompt + continuation beyond the prompt's own tokens, so a
+        merge across the boundary is scored as the model would see it."""
+        if not continuations:
+            raise GenerationError("no continuations to score", hint='pass e.g. [" yes", " no"]')
+        context = self._tokenizer.encode(prompt, add_special_tokens=True)
+        tokens = []
+        for text in continuations:
+            whole = self._tokenizer.encode(prompt + text, add_special_tokens=True)
+            tail = whole[len(context):] if whole[:len(context)] == context else \
+                self._tokenizer.encode(text, add_special_tokens=False)
+            if not tail:
+                raise GenerationError(f"continuation {text!r} has no tokens", hint="pass non-empty continuations")
+            tokens.append(tail)
+        return [float(np.mean(lp)) for lp in self.continuation_logprobs(context, tokens)]
+
+    def classify(self, text: str, labels: Sequence[str] | None = None,
+                 examples: Sequence[tuple[str, str]] | None = None, template: str | None = None,
+                 shots: int | None = None) -> Classification:
+        """The label whose tokens are most likely after the prompt (length-normalised).
+
+        `template` names a classify template of the bundle (its labels and few-shot pool are the
+        defaults); `examples` are the caller's own few-shot (text, label) pairs; `shots` takes k of
+        the template's pool, round-robin over the labels."""
+        chosen = self.template(template) if template else template_from_dict("classify", DEFAULT_CLASSIFY)
+        if chosen.kind != "classify":
+            raise TemplateError(f"template {template!r} is a generate template", hint=f"use llm.complete({template!r}, ...)")
+        labels = list(labels or chosen.labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise GenerationError(f"labels {labels!r}: need two or more distinct labels",
+                                  hint='pass labels=["positive", "negative"] or a template that has them')
+        prompt = chosen.classify_prompt(text, labels, examples, shots)
+        scores = dict(zip(labels, self.score(prompt, [" " + label for label in labels])))
+        return Classification(label=max(labels, key=scores.__getitem__), scores=scores)
 
     def _record_stats(self, stats: GenerationStats) -> None:
         self.last_stats = stats

@@ -71,3 +71,17 @@ def test_chat_command(real_int8_bundle):
                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     assert "bot>" in result.stdout and "tok/s" in result.stdout
+
+
+def test_zero_shot_sentiment_on_clear_sentences(real_int8_bundle):
+    import edgelm_runtime as er
+
+    llm = er.load_bundle(real_int8_bundle)
+    sentences = [("I loved this movie, it was wonderful and moving.", "positive"),
+                 ("A brilliant, delightful film with a great cast.", "positive"),
+                 ("An absolute joy from start to finish.", "positive"),
+                 ("Terrible acting and a boring, stupid plot.", "negative"),
+                 ("The worst film I have ever seen, a total waste of time.", "negative"),
+                 ("Awful. I hated every minute of it.", "negative")]
+    predicted = [llm.classify(text, template="sentiment").label for text, _ in sentences]
+    assert predicted == [label for _, label in sentences]
