@@ -258,42 +258,72 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Chat with a bundle offline: streaming, multi-turn. /reset clears history, /exit quits."""
+    """Chat with a bundle offline: streaming, multi-turn. /reset, /system TEXT, /exit (or Ctrl-D)."""
     import edgelm_runtime as er
 
     llm = er.load_bundle(bundle, threads=threads)
     options = _sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    console.print(f"[dim]{llm.manifest.name} ({llm.manifest.profile}) — /reset, /exit, Ctrl-D to quit[/]")
+    console.print(f"[dim]{llm.manifest.name} ({llm.manifest.profile}) — /reset clears the history, "
+                  "/system TEXT sets the system prompt, /exit or Ctrl-D quits, Ctrl-C stops an answer[/]")
     while True:
         try:
             user = console.input("[bold green]you>[/] ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D
             console.print()
             return
-        if user.strip() in ("/exit", "/quit"):
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            console.print("\n[dim](Ctrl-D or /exit to quit)[/]")
+            continue
+        command = user.strip()
+        if command in ("/exit", "/quit"):
             return
-        if user.strip() == "/reset":
-            history = history[:1] if system else []
+        if command == "/reset":
+            history = [m for m in history if m["role"] == "system"]
             console.print("[dim]history cleared[/]")
             continue
-        if not user.strip():
+        if command.startswith("/system"):
+            text = command[len("/system"):].strip()
+            history = [m for m in history if m["role"] != "system"]
+            if text:
+                history.insert(0, {"role": "system", "content": text})
+            console.print(f"[dim]system prompt {'set' if text else 'removed'}[/]")
+            continue
+        if not command:
             continue
         history.append({"role": "user", "content": user})
-        console.print("[bold cyan]bot>[/] ", end="")
-        pieces = []
         try:
-            for piece in llm.chat_stream(history, **options):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(pieces)})
-        stats = llm.last_stats
-        if stats is not None:
-            console.print(f"[dim]{stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s[/]")
+            history = _chat_turn(llm, history, options)
+        except KeyboardInterrupt:  # Ctrl-C anywhere in a turn: back to the prompt, the chat goes on
+            console.print(" [dim](stopped)[/]")
+
+
+def _chat_turn(llm: Any, history: list[dict[str, str]], options: dict[str, Any]) -> list[dict[str, str]]:
+    """One answer, streamed; returns the history with it (trimmed to fit the context)."""
+    import edgelm_runtime as er
+
+    try:
+        kept = llm.fit_history(history, options["max_new_tokens"])
+    except er.GenerationError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.message}\n[bold]hint:[/] {exc.hint}", highlight=False)
+        return history[:-1]
+    if len(kept) < len(history):
+        console.print(f"[dim](the {len(history) - len(kept)} oldest messages no longer fit the context: dropped)[/]")
+    console.print("[bold cyan]bot>[/] ", end="")
+    pieces = []
+    try:
+        for piece in llm.chat_stream(kept, **options):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        console.print(" [dim](stopped)[/]", end="")
+    sys.stdout.write("\n")
+    stats = llm.last_stats
+    if stats is not None:
+        console.print(f"[dim]{stats.generated_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s, "
+                      f"first token {stats.time_to_first_token_s * 1000:.0f} ms[/]")
+    return [*kept, {"role": "assistant", "content": "".join(pieces)}]
 
 
 def main() -> None:

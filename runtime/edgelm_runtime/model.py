@@ -114,10 +114,36 @@ class LanguageModel:
     def chat_stream(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                     seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
-        # the template writes the special tokens (bos, role markers) itself
-        ids = self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
+        ids = self._chat_ids(self.fit_history(messages, max_new_tokens))
         return self._stream_text(ids, max_new_tokens, sampling, stop)
+
+    def fit_history(self, messages: Messages, max_new_tokens: int | None = None) -> Messages:
+        """The conversation trimmed so its prompt leaves room for the answer (`max_new_tokens`, at
+        most a quarter of the context: a longer answer still runs, up to the context's end): oldest
+        turns go first, a leading system message always stays, and the kept part starts with a
+        user turn. The last message alone not fitting is a GenerationError."""
+        room = min(max_new_tokens or self._manifest.generation.max_new_tokens, self._manifest.max_seq_len // 4)
+        budget = self._manifest.max_seq_len - room
+        system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+        turns = list(messages[len(system):])
+        if not turns:
+            raise GenerationError("the conversation has no user message", hint='pass [{"role": "user", "content": "..."}]')
+        while turns:
+            if len(self._chat_ids(system + turns)) <= budget:
+                return system + turns
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0].get("role") != "user":
+                turns = turns[1:]
+            if len(turns) == 1 and len(self._chat_ids(system + turns)) > budget:
+                break
+        raise GenerationError(f"the last message does not fit the context ({self._manifest.max_seq_len} tokens "
+                              f"with {room} kept for the answer)",
+                              hint="shorten the message or the system prompt, or ask for fewer new tokens")
+
+    def _chat_ids(self, messages: Messages) -> list[int]:
+        # the template writes the special tokens (bos, role markers) itself
+        return self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         return self._chat_template.render(messages, add_generation_prompt)

@@ -134,3 +134,26 @@ def test_last_stats_describe_the_generation(llm: er.LanguageModel) -> None:
     assert stats.time_to_first_token_s >= stats.prefill_seconds > 0
     if len(tokens) == 6:
         assert stats.finish_reason == "max_new_tokens" and stats.decode_tokens_per_s > 0
+
+
+def test_chat_history_is_trimmed_oldest_first_keeping_the_system_prompt(llm) -> None:
+    system = {"role": "system", "content": "You are terse."}
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"question {i} " + "word " * 12},
+                  {"role": "assistant", "content": f"answer {i} " + "word " * 12}]
+    turns.append({"role": "user", "content": "last question"})
+    kept = llm.fit_history([system, *turns], max_new_tokens=16)
+    assert kept[0] == system and kept[-1] == turns[-1] and kept[1]["role"] == "user"
+    assert len(kept) < len(turns) + 1 and kept[1:] == turns[len(turns) - len(kept) + 1:]  # a suffix: oldest gone
+    prompt = llm.tokenizer.encode(llm.render_chat(kept), add_special_tokens=False)
+    assert len(prompt) + 16 <= llm.manifest.max_seq_len
+    text = llm.chat([system, *turns], max_new_tokens=4)  # the long conversation still runs
+    assert isinstance(text, str)
+
+
+def test_a_last_message_longer_than_the_context_is_a_clear_error(llm) -> None:
+    with pytest.raises(er.GenerationError, match="last message does not fit"):
+        llm.fit_history([{"role": "user", "content": "word " * 400}], max_new_tokens=8)
+    with pytest.raises(er.GenerationError, match="no user message"):
+        llm.fit_history([{"role": "system", "content": "hi"}])
