@@ -125,6 +125,8 @@ class LanguageModel:
         user turn. The last message alone not fitting is a GenerationError."""
         room = min(max_new_tokens or self._manifest.generation.max_new_tokens, self._manifest.max_seq_len // 4)
         budget = self._manifest.max_seq_len - room
+        if len(self._chat_ids(messages)) <= budget:  # also checks the messages' shape, with its own errors
+            return list(messages)
         system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
         turns = list(messages[len(system):])
         if not turns:
