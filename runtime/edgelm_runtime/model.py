@@ -123,14 +123,15 @@ class LanguageModel:
         most a quarter of the context: a longer answer still runs, up to the context's end): oldest
         turns go first, a leading system message always stays, and the kept part starts with a
         user turn. The last message alone not fitting is a GenerationError."""
+        whole = self._chat_ids(messages)  # first: malformed messages get the template's own errors
         room = min(max_new_tokens or self._manifest.generation.max_new_tokens, self._manifest.max_seq_len // 4)
         budget = self._manifest.max_seq_len - room
-        if len(self._chat_ids(messages)) <= budget:  # also checks the messages' shape, with its own errors
-            return list(messages)
         system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
         turns = list(messages[len(system):])
         if not turns:
             raise GenerationError("the conversation has no user message", hint='pass [{"role": "user", "content": "..."}]')
+        if len(whole) <= budget:
+            return list(messages)
         while turns:
             if len(self._chat_ids(system + turns)) <= budget:
                 return system + turns
