@@ -298,6 +298,28 @@ def chat(
             console.print(" [dim](stopped)[/]")
 
 
+@app.command()
+@reports_errors
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, "--port"),
+    queue: int = typer.Option(8, "--queue", help="Requests that may wait while one generates; more get 429."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import edgelm_runtime as er
+
+    try:
+        from edgelm_runtime.server import serve as run_server
+    except ImportError:
+        raise er.GenerationError("edgelm serve needs starlette and uvicorn",
+                                 hint="pip install 'edgelm-runtime[server]'") from None
+    llm = er.load_bundle(bundle, threads=threads)
+    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    run_server(llm, host, port, queue)
+
+
 def _chat_turn(llm: Any, history: list[dict[str, str]], options: dict[str, Any]) -> list[dict[str, str]]:
     """One answer, streamed; returns the history with it (trimmed to fit the context)."""
     import edgelm_runtime as er

@@ -259,6 +259,19 @@ class LanguageModel:
                                   hint="encode text with this bundle's tokenizer")
         return ids
 
+    def stream_ids(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
+                   stop: list[str] | None = None) -> Iterator[str]:
+        """Text pieces generated after the token ids `ids` (for servers that tokenize themselves)."""
+        return self._stream_text(list(ids), max_new_tokens, sampling, stop)
+
+    def check_request(self, ids: Sequence[int], max_new_tokens: int | None, stop: list[str] | None) -> None:
+        """Raise now what generation would raise at its start: prompt length, max_new_tokens, stop."""
+        StopFilter(stop)
+        self._check_prompt(ids, limit=self._manifest.max_seq_len - 1)
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens <= 0):
+            raise GenerationError(f"max_new_tokens is {max_new_tokens!r}; it must be a whole number > 0",
+                                  hint="pass max_new_tokens=64, say")
+
     def _stream_text(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
                      stop: list[str] | None) -> Iterator[str]:
         stops = StopFilter(stop)  # checked now: a bad request fails before the stream starts
