@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside commands, so `edgelm --help`, `
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import signal
 import sys
@@ -196,10 +197,8 @@ def bench(
     from edgelm_runtime.errors import GenerationError
 
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise GenerationError("--plot needs matplotlib", hint="pip install 'edgelm[bench]'") from None
+        if importlib.util.find_spec("matplotlib") is None:
+            raise GenerationError("--plot needs matplotlib", hint="pip install 'edgelm[bench]'")
         if plot.suffix.lower() != ".png":
             raise GenerationError(f"--plot {plot}: the chart is written as PNG", hint="name the file *.png")
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
