@@ -134,6 +134,18 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
         console.print(manifest_summary(manifest))
 
 
+@app.command()
+@reports_errors
+def verify(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
+    """Check a bundle: format version, every path inside the folder, every file's size and sha256."""
+    import edgelm_runtime as er
+
+    manifest = er.verify_bundle(bundle, check_hashes=True)
+    size = sum(entry.size for entry in manifest.files.values())
+    console.print(f"{bundle}: ok — format {manifest.format_version}, {len(manifest.files)} files, "
+                  f"{size / 1e6:.1f} MB, every size and sha256 as in manifest.json")
+
+
 @app.command("eval")
 @reports_errors
 def evaluate(
@@ -305,6 +317,8 @@ def serve(
     port: int = typer.Option(8000, "--port"),
     queue: int = typer.Option(8, "--queue", help="Requests that may wait while one generates; more get 429."),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELM_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELM_API_KEY)."),
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     import edgelm_runtime as er
@@ -316,7 +330,9 @@ def serve(
                                  hint="pip install 'edgelm-runtime[server]'") from None
     llm = er.load_bundle(bundle, threads=threads)
     console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(llm, host, port, queue)
+    if queue < 0:
+        raise er.GenerationError(f"--queue {queue}: must be 0 or more", hint="e.g. --queue 8")
+    run_server(llm, host, port, queue, api_key or None)
 
 
 def _chat_turn(llm: Any, history: list[dict[str, str]], options: dict[str, Any]) -> list[dict[str, str]]:

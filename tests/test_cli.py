@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from edgelm.cli import app
@@ -85,3 +87,16 @@ def test_chat_session_through_stdin(tiny_bundle):
     result = runner.invoke(app, ["chat", str(tiny_bundle), "-n", "4"], input="hello\n/reset\nagain\n/exit\n")
     assert result.exit_code == 0, result.output
     assert result.output.count("bot>") == 2 and "history cleared" in result.output
+
+
+def test_verify_passes_a_good_bundle_and_names_a_damaged_file(tiny_bundle, tmp_path):
+    import shutil
+
+    result = _run("verify", str(tiny_bundle))
+    assert result.exit_code == 0 and "ok" in result.output and "sha256" in result.output
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "copy"))
+    data = copy / "tokenizer.json"
+    text = data.read_bytes()
+    data.write_bytes(text[:-2] + (b"}}" if not text.endswith(b"}}") else b"]}"))  # same size, other bytes
+    result = _run("verify", str(copy))
+    assert result.exit_code == 2 and "tokenizer.json" in result.output and "Traceback" not in result.output

@@ -11,6 +11,7 @@ Optional extra: `pip install 'edgelm-runtime[server]'` (the core runtime does no
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -110,9 +111,18 @@ class Generation:
             loop.call_soon_threadsafe(self.pieces.put_nowait, None)
 
 
-def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES,
+               api_key: str | None = None) -> Starlette:
     gate = Gate(queue_limit)
     model_id = llm.manifest.name
+
+    def authorized(request: Request) -> bool:
+        """With an API key, every /v1 request needs `Authorization: Bearer KEY` (constant-time check)."""
+        if api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
 
     async def read_body(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
@@ -149,6 +159,8 @@ def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = M
         return llm.tokenizer.encode(prompt, add_special_tokens=True)
 
     async def complete(request: Request, chat: bool) -> Response:
+        if not authorized(request):
+            return error_response(RequestError(401, "missing or wrong API key", kind="authentication_error"))
         try:
             body = await read_body(request)
             options = _options(body, llm)
@@ -194,6 +206,8 @@ def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = M
         return await complete(request, chat=False)
 
     async def models(request: Request) -> Response:
+        if not authorized(request):
+            return error_response(RequestError(401, "missing or wrong API key", kind="authentication_error"))
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                                          "owned_by": "edgelm"}]})
 
@@ -240,7 +254,8 @@ def _usage(stats: Any, prompt_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def serve(llm: LanguageModel, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8) -> None:
+def serve(llm: LanguageModel, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,
+          api_key: str | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(llm, queue_limit), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(llm, queue_limit, api_key=api_key), host=host, port=port, log_level="warning")

@@ -154,3 +154,19 @@ def test_binds_loopback_by_default():
     from edgelm.cli import serve
 
     assert inspect.signature(serve).parameters["host"].default.default == "127.0.0.1"
+
+
+def test_api_key_is_required_when_set(tiny_bundle):
+    process, url = _start(tiny_bundle, "--api-key", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=tiny_bundle.name, prompt="hi", max_tokens=2).usage.completion_tokens <= 2
+        status, data = _post(url + "/v1/completions", json.dumps({"prompt": "hi"}).encode())
+        assert status == 401 and data["error"]["type"] == "authentication_error"
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:  # health needs no key
+            assert response.status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
