@@ -328,10 +328,10 @@ def serve(
     except ImportError:
         raise er.GenerationError("edgelm serve needs starlette and uvicorn",
                                  hint="pip install 'edgelm-runtime[server]'") from None
-    llm = er.load_bundle(bundle, threads=threads)
-    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
     if queue < 0:
         raise er.GenerationError(f"--queue {queue}: must be 0 or more", hint="e.g. --queue 8")
+    llm = er.load_bundle(bundle, threads=threads)
+    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_server(llm, host, port, queue, api_key or None)
 
 

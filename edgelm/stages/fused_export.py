@@ -14,10 +14,7 @@ stage checks parity with the Hugging Face model every build, so a mistake here c
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 # packed module -> the original module with the same input (where activation statistics live)
 PACKED_INPUTS = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}

@@ -115,7 +115,7 @@ class LanguageModel:
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                     seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
-        ids = self._chat_ids(self.fit_history(messages, max_new_tokens))
+        ids = self.chat_prompt_ids(messages, max_new_tokens)
         return self._stream_text(ids, max_new_tokens, sampling, stop)
 
     def fit_history(self, messages: Messages, max_new_tokens: int | None = None) -> Messages:
@@ -123,6 +123,14 @@ class LanguageModel:
         most a quarter of the context: a longer answer still runs, up to the context's end): oldest
         turns go first, a leading system message always stays, and the kept part starts with a
         user turn. The last message alone not fitting is a GenerationError."""
+        return self._fit(messages, max_new_tokens)[0]
+
+    def chat_prompt_ids(self, messages: Messages, max_new_tokens: int | None = None) -> list[int]:
+        """Token ids of the chat prompt for `messages`, trimmed as `fit_history` trims them."""
+        return self._fit(messages, max_new_tokens)[1]
+
+    def _fit(self, messages: Messages, max_new_tokens: int | None) -> tuple[Messages, list[int]]:
+        """(kept messages, their prompt ids): each candidate is rendered and encoded once."""
         whole = self._chat_ids(messages)  # first: malformed messages get the template's own errors
         room = min(max_new_tokens or self._manifest.generation.max_new_tokens, self._manifest.max_seq_len // 4)
         budget = self._manifest.max_seq_len - room
@@ -130,19 +138,17 @@ class LanguageModel:
         turns = list(messages[len(system):])
         if not turns:
             raise GenerationError("the conversation has no user message", hint='pass [{"role": "user", "content": "..."}]')
-        if len(whole) <= budget:
-            return list(messages)
-        while turns:
-            if len(self._chat_ids(system + turns)) <= budget:
-                return system + turns
+        ids = whole
+        while len(ids) > budget and len(turns) > 1:
             turns = turns[1:]
             while len(turns) > 1 and turns[0].get("role") != "user":
                 turns = turns[1:]
-            if len(turns) == 1 and len(self._chat_ids(system + turns)) > budget:
-                break
-        raise GenerationError(f"the last message does not fit the context ({self._manifest.max_seq_len} tokens "
-                              f"with {room} kept for the answer)",
-                              hint="shorten the message or the system prompt, or ask for fewer new tokens")
+            ids = self._chat_ids(system + turns)
+        if len(ids) > budget:
+            raise GenerationError(f"the last message does not fit the context ({self._manifest.max_seq_len} tokens "
+                                  f"with {room} kept for the answer)",
+                                  hint="shorten the message or the system prompt, or ask for fewer new tokens")
+        return (list(messages) if ids is whole else system + turns), ids
 
     def _chat_ids(self, messages: Messages) -> list[int]:
         # the template writes the special tokens (bos, role markers) itself
@@ -157,9 +163,7 @@ class LanguageModel:
         ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len - 1)
         if max_new_tokens is None:
             max_new_tokens = self._manifest.generation.max_new_tokens
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens is {max_new_tokens!r}; it must be a whole number > 0",
-                                  hint="pass max_new_tokens=64, say")
+        _check_max_new_tokens(max_new_tokens)
         self.last_stats = None
         return decode_tokens(self._decoder, ids, max_new_tokens, Sampler(sampling or self.sampling_params()),
                              self._manifest.eos_token_ids, self._manifest.max_seq_len, self._record_stats)
@@ -268,9 +272,8 @@ class LanguageModel:
         """Raise now what generation would raise at its start: prompt length, max_new_tokens, stop."""
         StopFilter(stop)
         self._check_prompt(ids, limit=self._manifest.max_seq_len - 1)
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens <= 0):
-            raise GenerationError(f"max_new_tokens is {max_new_tokens!r}; it must be a whole number > 0",
-                                  hint="pass max_new_tokens=64, say")
+        if max_new_tokens is not None:
+            _check_max_new_tokens(max_new_tokens)
 
     def _stream_text(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
                      stop: list[str] | None) -> Iterator[str]:
@@ -292,3 +295,9 @@ class LanguageModel:
             tail = stops.push(detokenizer.flush()) + stops.flush()
             if tail:
                 yield tail
+
+
+def _check_max_new_tokens(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise GenerationError(f"max_new_tokens is {value!r}; it must be a whole number > 0",
+                              hint="pass max_new_tokens=64, say")

@@ -74,10 +74,6 @@ def _options(body: dict[str, Any], llm: LanguageModel) -> dict[str, Any]:
         raise RequestError(400, "stop must be a non-empty string or a list of them", "stop")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise RequestError(400, "max_tokens must be a whole number >= 1", "max_tokens")
-    for name in ("temperature", "top_p"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise RequestError(400, f"{name} must be a number", name)
     try:
         sampling = llm.sampling_params(temperature=body.get("temperature"), top_p=body.get("top_p"), seed=body.get("seed"))
     except EdgelmRuntimeError as exc:
@@ -149,8 +145,7 @@ def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = M
                     for m in messages):
                 raise RequestError(400, "messages must be a non-empty list of {role, content} strings", "messages")
             try:
-                kept = llm.fit_history(messages, options["max_new_tokens"])
-                return llm.tokenizer.encode(llm.render_chat(kept), add_special_tokens=False)
+                return llm.chat_prompt_ids(messages, options["max_new_tokens"])
             except EdgelmRuntimeError as exc:
                 raise RequestError(400, exc.message, "messages") from None
         prompt = body.get("prompt")
