@@ -169,6 +169,12 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
             return facts["skipped"]
         worst = ", ".join(list(facts["most_sensitive"])[:3])
         return f"{facts['groups']} groups on {facts['probe_tokens']} tokens; most sensitive: {worst}"
+    if name == "adapters":
+        if not facts.get("adapters"):
+            return "none"
+        note = (f"{facts['adapters']} merged, logits vs unmerged max diff {facts['merge_max_abs_diff']:.1e}, "
+                f"shift vs base {facts['logit_shift']:.3g}")
+        return note + "".join(f"; [yellow]warning: {w}[/]" for w in facts.get("warnings", []))
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":
@@ -180,8 +186,8 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
 def build_summary(report: Any) -> Table:
     table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
     for name, facts in report.facts.items():
-        if "skipped" in facts and name != "fuse":  # stages the profile does not use (recorded in the manifest)
-            continue
+        if ("skipped" in facts and name != "fuse") or (name == "adapters" and not facts.get("adapters")):
+            continue  # stages this build did not use (recorded in the manifest)
         table.add_row(name, f"{report.seconds.get(name, 0):.1f}", _stage_notes(name, facts))
     table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
     return table
@@ -194,6 +200,9 @@ def manifest_summary(manifest: Manifest) -> Table:
     table.add_row("profile", f"{manifest.profile} ({manifest.provider})")
     table.add_row("format version", str(manifest.format_version))
     table.add_row("source", str(manifest.provenance.get("source", {}).get("path", "?")))
+    for adapter in manifest.adapters:
+        table.add_row("adapter", f"{adapter['path']} x{adapter['weight']:g} ({adapter.get('variant', 'lora')}, "
+                                 f"sha256 {adapter['sha256'][:12]}, merge diff {adapter['merge_max_abs_diff']:.1e})")
     table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files")
     table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
                              f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.config.plan import BuildPlan, resolve
-from edgelm.config.profile import load_profile
-from edgelm.config.recipe import Recipe, load_recipe
+from edgelm.config.plan import DEFAULT_MODEL, BuildPlan, apply_overrides, resolve
+from edgelm.config.profile import DeviceProfile, load_profile
+from edgelm.config._yaml import validate
+from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
 from edgelm.errors import ConfigError
 from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
@@ -22,18 +23,19 @@ from edgelm.pipeline.workspace import Workspace
 from edgelm.stages.check_quality import CheckQuality
 from edgelm.stages.export import ExportOnnx
 from edgelm.stages.fuse import FuseGraph
+from edgelm.stages.adapters import MergeAdapters, read_adapters
 from edgelm.stages.awq import ActivationAwareScales
 from edgelm.stages.calibration import read_calibration_file
-from edgelm.stages.load import LoadModel, locate_model
+from edgelm.stages.load import LoadModel, locate_model, source_fingerprint
 from edgelm.stages.package import Package, finalize_manifest
 from edgelm.stages.quantize import Quantize
 from edgelm.stages.sensitivity import MeasureSensitivity
 from edgelm.stages.smooth import Smooth
-from edgelm_runtime.bundle import Manifest
+from edgelm_runtime.bundle import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
+PIPELINE = (LoadModel(), MergeAdapters(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
 
 
 @dataclass(frozen=True)
@@ -46,25 +48,81 @@ class BuildReport:
 
 def plan_build(profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
                name: str | None = None, overrides: dict[str, Any] | None = None,
-               accuracy_budget: float | None = None) -> BuildPlan:
-    """Resolve profile + recipe + options into a BuildPlan; --profile beats the recipe's profile.
+               accuracy_budget: float | None = None, adapters: list[str] | None = None,
+               from_bundle: str | Path | None = None) -> BuildPlan:
+    """Resolve profile + recipe (or a bundle's recorded plan) + options into a BuildPlan.
 
-    `accuracy_budget` (a perplexity ratio, e.g. 1.02) becomes the perplexity gate and turns on the
-    mixed-precision search, which keeps the fewest MatMuls in fp32 that meet it."""
+    Precedence: defaults < profile < recipe < command line; --profile beats the recipe's profile,
+    and --adapter (one or more) replaces the recipe's adapter list. `accuracy_budget` (a perplexity
+    ratio, e.g. 1.02) becomes the perplexity gate and turns on the mixed-precision search, which
+    keeps the fewest MatMuls in fp32 that meet it. Paths given here are made absolute, so the plan
+    stored in the manifest rebuilds from anywhere."""
+    if from_bundle is not None and recipe is not None:
+        raise ConfigError("--from-bundle and --recipe both give a plan", hint="pass one of them")
+    merged = {"model": _absolute(model), **(overrides or {})}
+    if adapters:
+        merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"])} for parsed in map(parse_adapter, adapters)]
+    if from_bundle is not None:
+        return _plan_from_bundle(Path(from_bundle), profile, name, merged, accuracy_budget)
     loaded = load_recipe(recipe) if recipe else Recipe()
     device = load_profile(profile or loaded.profile or "cpu-int8")
-    merged = {"model": model, "name": name, **(overrides or {})}
-    if accuracy_budget is not None:
-        if device.quantization.mode != "static-qdq":
-            raise ConfigError(f"--accuracy-budget needs a static-qdq profile ({device.name} is {device.quantization.mode})",
-                              hint="use --profile cpu-w8a8, or leave out --accuracy-budget")
-        merged.update({"quality.max_perplexity_ratio": accuracy_budget, "profile.quantization.mixed_precision": "auto"})
+    merged["name"] = name
+    _budget(merged, device, accuracy_budget)
     return resolve(loaded, device, merged)
+
+
+def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merged: dict[str, Any],
+                      accuracy_budget: float | None) -> BuildPlan:
+    """The plan recorded in a bundle's manifest, with the command line over it. The model and the
+    adapters must still be the files the bundle was built from (sha256), unless replaced."""
+    manifest = read_manifest(bundle)
+    if not manifest.plan:
+        raise ConfigError(f"{bundle}: the manifest records no build plan (format {manifest.format_version})",
+                          hint="rebuild it once with --recipe/--profile; bundles from this edgelm record their plan")
+    data = dict(manifest.plan)
+    if profile is not None:
+        data["profile"] = load_profile(profile).model_dump()
+    if name is not None:
+        data["name"] = name
+    if "adapters" not in merged:  # the recorded adapters, pinned to the recorded weights
+        specs, merged_records = data.get("adapters", []), manifest.adapters
+        data["adapters"] = [{**spec, "sha256": record.get("sha256")} for spec, record in zip(specs, merged_records)] \
+            if len(specs) == len(merged_records) else specs
+    _budget(merged, validate(data["profile"], DeviceProfile, f"{bundle}/manifest.json plan.profile", "profile"),
+            accuracy_budget)
+    apply_overrides(data, merged)
+    plan = validate(data, BuildPlan, f"{bundle}/manifest.json plan", "build")
+    recorded_sha = manifest.provenance.get("source", {}).get("sha256")
+    if merged.get("model") is None and recorded_sha:
+        folder, gguf_file = locate_model(plan.model)
+        if source_fingerprint(folder, gguf_file) != recorded_sha:
+            raise ConfigError(f"{plan.model}: the model changed since {bundle} was built (sha256 differs)",
+                              hint="restore the model, or pass --model to build from the new one")
+    return plan
+
+
+def _budget(merged: dict[str, Any], device: Any, accuracy_budget: float | None) -> None:
+    if accuracy_budget is None:
+        return
+    if device.quantization.mode != "static-qdq":
+        raise ConfigError(f"--accuracy-budget needs a static-qdq profile ({device.name} is {device.quantization.mode})",
+                          hint="use --profile cpu-w8a8, or leave out --accuracy-budget")
+    merged.update({"quality.max_perplexity_ratio": accuracy_budget, "profile.quantization.mixed_precision": "auto"})
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or path == DEFAULT_MODEL:
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def preflight(plan: BuildPlan) -> None:
     """Check the user's inputs before any heavy work, so a typo fails in a second, not a minute."""
+    if plan.prune is not None:
+        raise ConfigError("prune: pruning is not available in this version of edgelm",
+                          hint="remove the prune: section from the recipe (the field is validated so recipes can be written now)")
     locate_model(plan.model)
+    read_adapters(plan.adapters)
     if plan.calibration.source != "builtin":
         read_calibration_file(Path(plan.calibration.source))
     load_eval_text(plan.quality.eval_text)

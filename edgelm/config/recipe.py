@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from edgelm.config._yaml import load_yaml_model
 from edgelm.config.profile import Frozen
@@ -35,6 +38,51 @@ class QualitySettings(Frozen):
     max_kl_divergence: float | None = Field(None, gt=0.0)
 
 
+class AdapterSpec(Frozen):
+    """A PEFT LoRA folder merged into the model before compression, delta scaled by `weight`."""
+    path: str
+    weight: float = 1.0
+    # set by `--from-bundle`: the adapter must still be the one the bundle was built from
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return parse_adapter(value) if isinstance(value, str) else value
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if not math.isfinite(value) or value == 0:
+            raise ValueError("must be a finite non-zero number (0 would merge nothing)")
+        return value
+
+
+def parse_adapter(text: str) -> dict[str, Any]:
+    """"PATH" or "PATH:WEIGHT" (the last colon, so C:\\x and odd folder names still work)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": text}
+
+
+class RecoverySettings(Frozen):
+    steps: int = Field(300, ge=1, le=100_000)
+
+
+class PruneSettings(Frozen):
+    """Validated now so recipes can be written against it; building with it is refused until the
+    pruning stage exists (see README, "Recipes")."""
+    kind: Literal["structured", "unstructured", "2:4"] = "structured"
+    mlp_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    kv_groups_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_layers: tuple[int, ...] = ()
+    recover: RecoverySettings | None = None
+
+
 class Recipe(Frozen):
     name: str | None = None
     model: str | None = None
@@ -44,10 +92,28 @@ class Recipe(Frozen):
     quality: QualitySettings = QualitySettings()
     # prompt templates added to (or replacing by name) edgelm's defaults in the bundle
     templates: dict[str, TemplateSpec] = {}
+    # LoRA adapters merged in order, each delta scaled by its weight
+    adapters: tuple[AdapterSpec, ...] = ()
+    prune: PruneSettings | None = None
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Relative paths inside a recipe (model, adapters, calibration and eval text) are read from the
+    recipe's own folder, so a recipe and its files can move together."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found", hint="check the --recipe path")
-    return load_yaml_model(path, Recipe, "recipe")
+    recipe = load_yaml_model(path, Recipe, "recipe")
+    base = path.parent
+
+    def local(value: str | None) -> str | None:
+        if value in (None, "builtin", "default") or Path(value).expanduser().is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    return recipe.model_copy(update={
+        "model": local(recipe.model),
+        "adapters": tuple(a.model_copy(update={"path": local(a.path)}) for a in recipe.adapters),
+        "calibration": recipe.calibration.model_copy(update={"source": local(recipe.calibration.source)}),
+        "quality": recipe.quality.model_copy(update={"eval_text": local(recipe.quality.eval_text)}),
+    })

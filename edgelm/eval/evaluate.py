@@ -52,19 +52,31 @@ class TorchModel:
 
 
 def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
-    """(model, description): a bundle folder, or a model path, or the bundle's recorded source."""
+    """(model, description): a bundle folder, or a model path, or the bundle's recorded source —
+    with the recorded LoRA adapters merged again (checked against their recorded sha256), so the
+    default reference is the fp32 model the bundle was compressed from, not the bare base."""
     import edgelm_runtime
 
     if spec is not None and (Path(spec) / MANIFEST_FILE).is_file():
         return edgelm_runtime.load_bundle(spec), f"bundle {spec}"
+    adapters = []
     if spec is None:
         spec = bundle_manifest.provenance.get("source", {}).get("path")
         if not spec:
             raise ConfigError(f"{bundle_manifest.name}: the manifest records no source model",
                               hint="pass --reference MODEL_OR_BUNDLE")
+        adapters = bundle_manifest.adapters
+    from edgelm.config.recipe import AdapterSpec
+    from edgelm.stages.adapters import merge_adapters, read_adapters
     from edgelm.stages.load import load_pretrained
 
-    return TorchModel(load_pretrained(spec).model), f"{Path(spec).name} (PyTorch fp32)"
+    model = load_pretrained(spec).model
+    name = f"{Path(spec).name} (PyTorch fp32)"
+    if adapters:
+        specs = [AdapterSpec(path=a["path"], weight=a["weight"], sha256=a["sha256"]) for a in adapters]
+        model, _ = merge_adapters(model, read_adapters(specs), probe=[[0]])
+        name = f"{Path(spec).name} + {len(adapters)} adapter(s) (PyTorch fp32)"
+    return TorchModel(model), name
 
 
 def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,

@@ -29,6 +29,7 @@ class BuildState:
     chat_template: str | None = None
     max_seq_len: int = 0
     source: dict[str, Any] = field(default_factory=dict)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # merged adapters (MergeAdapters)
     reference_onnx: Path | None = None   # fp32 export: parity and quality reference
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None

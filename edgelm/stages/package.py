@@ -23,7 +23,7 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "templates/chat.jinja"
 PROMPTS_FILE = "templates/prompts.json"
-_VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+_VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime")
 
 
 def versions() -> dict[str, str]:
@@ -101,10 +101,12 @@ class Package:
 
 
 def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
-    """Add provenance (plan, versions, source, every stage's facts and seconds) and quality."""
+    """Add the plan, the merged adapters, provenance (versions, source, every stage's facts and
+    seconds) and quality."""
     manifest = read_manifest(state.bundle_dir)
-    provenance = {"plan": state.plan.summary(), "source": state.source, "versions": versions(),
+    provenance = {"source": state.source, "versions": versions(),
                   "stages": {name: {"seconds": state.seconds.get(name), **facts} for name, facts in state.facts.items()}}
-    final = dataclasses.replace(manifest, quality=quality, provenance=provenance)
+    final = dataclasses.replace(manifest, quality=quality, plan=state.plan.summary(), adapters=list(state.adapters),
+                                provenance=provenance)
     write_manifest(state.bundle_dir, final)
     return final

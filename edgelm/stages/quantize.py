@@ -119,6 +119,7 @@ class Quantize:
         state.current_onnx = target
         return {"mode": settings.mode, "quantized_matmuls": len(nodes), "kept_float": len(candidates) - len(nodes),
                 "calibration_feeds": feeds.count, "calibration_samples": len(token_ids),
+                "calibration_source": state.plan.calibration.source,
                 "size_mb_before": round(before / 1e6, 1), "size_mb_after": round(after / 1e6, 1), **facts}
 
     def _weight_only(self, state: BuildState, settings: WeightOnly, progress: Progress) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgelm_runtime.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: top-level `plan` and `adapters` (1 kept the plan in provenance)
 MANIFEST_FILE = "manifest.json"
 _UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
 
@@ -90,6 +90,10 @@ class Manifest:
     session_options: dict[str, Any] = field(default_factory=dict)
     generation: GenerationDefaults = GenerationDefaults()
     quality: dict[str, Any] = field(default_factory=dict)
+    # the resolved build plan (edgelm plan / edgelm build --from-bundle) and the LoRA adapters merged
+    # into the weights: [{path, sha256, weight, merge_max_abs_diff, ...}]
+    plan: dict[str, Any] = field(default_factory=dict)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -21,7 +21,7 @@ def test_fp32_bundle_manifest_records_parity_fusions_and_quality(tiny_bundle):
     assert parity["max_abs_diff_no_past"] < 1e-4 and parity["max_abs_diff_with_past"] < 1e-4
     assert stages["fuse"]["fused"]["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x 2 norms
     assert manifest.quality["perplexity_ratio"] < 1.001 and manifest.quality["top1_agreement"] > 0.99
-    assert manifest.provenance["plan"]["profile"]["name"] == "cpu-fp32"
+    assert manifest.plan["profile"]["name"] == "cpu-fp32"
     assert manifest.provenance["source"]["format"] == "safetensors" and len(manifest.provenance["source"]["sha256"]) == 64
     assert manifest.kv.num_layers == 2 and manifest.kv.num_kv_heads == 2 and manifest.kv.head_dim == 16
     assert manifest.chat_template_file and (tiny_bundle / manifest.chat_template_file).is_file()
@@ -94,7 +94,7 @@ def test_histogram_calibration_streams_feed_by_feed(tiny_model_dir, tiny_recipe,
     report = api.build(plan, tmp_path / "pct")
     quantize = report.facts["quantize"]
     assert quantize["calibration_feeds"] == 6 * (1 + 3)
-    assert report.manifest.provenance["plan"]["profile"]["quantization"]["calibration_method"] == "percentile"
+    assert report.manifest.plan["profile"]["quantization"]["calibration_method"] == "percentile"
     assert report.manifest.quality["top1_agreement"] > 0.8
 
 

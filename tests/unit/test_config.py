@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgelm.config import Recipe, list_profiles, load_profile, load_recipe, resolve
@@ -69,7 +71,7 @@ def test_plan_makes_defaults_explicit_and_overrides_win(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: some/folder\ncalibration: {samples: 10}\nquality: {max_perplexity_ratio: 1.5}\n")
     plan = resolve(load_recipe(path), load_profile("cpu-w8a8"), {"calibration.samples": 20, "model": None})
-    assert plan.model == "some/folder"
+    assert plan.model == str(tmp_path / "some" / "folder")  # relative to the recipe's folder
     assert plan.calibration.samples == 20 and plan.calibration.decode_steps == 8
     assert plan.quality.max_perplexity_ratio == 1.5
     summary = plan.summary()
@@ -113,3 +115,53 @@ def test_accuracy_budget_sets_the_gate_and_turns_on_the_search():
     for profile in ("cpu-fp32", "cpu-int8"):
         with pytest.raises(Error, match="needs a static-qdq profile"):
             plan_build(profile, accuracy_budget=1.02)
+
+
+def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    path = folder / "r.yaml"
+    path.write_text("adapters: [../adapters/a, {path: /abs/b, weight: 0.25}, 'c:2']\n"
+                    "calibration: {source: data/cal.txt}\nquality: {eval_text: builtin}\n")
+    recipe = load_recipe(path)
+    assert [(a.path, a.weight) for a in recipe.adapters] == [
+        (str(tmp_path / "adapters" / "a"), 1.0), ("/abs/b", 0.25), (str(folder / "c"), 2.0)]
+    assert recipe.calibration.source == str(folder / "data" / "cal.txt") and recipe.quality.eval_text == "builtin"
+    assert recipe.model is None
+
+
+def test_command_line_beats_recipe_beats_profile(tmp_path):
+    from edgelm.api import plan_build
+
+    path = tmp_path / "r.yaml"
+    path.write_text("profile: cpu-w8a8\nmodel: m\nmax_seq_len: 512\nadapters: [a, b]\n"
+                    "calibration: {samples: 10}\nquality: {max_perplexity_ratio: 1.5}\n")
+    from_recipe = plan_build(recipe=path)
+    assert from_recipe.profile.name == "cpu-w8a8" and from_recipe.max_seq_len == 512
+    assert [a.path for a in from_recipe.adapters] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert from_recipe.quality.max_perplexity_ratio == 1.5  # recipe over the profile's gate
+    flags = plan_build("cpu-fp32", path, "other", "n", {"calibration.samples": 3, "max_seq_len": 128},
+                       adapters=["x:0.5"])
+    assert flags.profile.name == "cpu-fp32" and flags.model.endswith("/other") and flags.name == "n"
+    assert flags.calibration.samples == 3 and flags.max_seq_len == 128
+    assert [(a.path, a.weight) for a in flags.adapters] == [(str(Path.cwd() / "x"), 0.5)]  # --adapter replaces the list
+
+
+def test_prune_section_is_validated_then_refused(tmp_path):
+    from edgelm.api import plan_build, preflight
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: {kind: structured, mlp_fraction: -0.1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: prune.mlp_fraction: .*greater than or equal to 0"):
+        load_recipe(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("prune: {kind: structured, mlp_fraction: 0.25, recover: {steps: 300}}\n")
+    with pytest.raises(ConfigError, match="prune: pruning is not available"):
+        preflight(plan_build(recipe=good))
+
+
+def test_unknown_adapter_field_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("adapters: [{path: a, wieght: 2}]\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: adapters.0.wieght: unknown field"):
+        load_recipe(path)
