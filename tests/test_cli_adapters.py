@@ -94,5 +94,7 @@ def test_missing_adapter_and_zero_weight(tiny_model_dir, tiny_recipe, tmp_path):
     out = tmp_path / "out"
     _assert_clean_error(_build(tiny_model_dir, tiny_recipe, out, str(tmp_path / "nope")), "adapter path does not exist")
     path = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    _assert_clean_error(_build(tiny_model_dir, tiny_recipe, out, str(path / "adapter_model.safetensors")),
+                        "an adapter is a folder, not a file")
     _assert_clean_error(_build(tiny_model_dir, tiny_recipe, out, f"{path}:0"), "adapters.0.weight", "non-zero")
     _assert_nothing_written(out)

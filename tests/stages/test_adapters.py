@@ -80,6 +80,23 @@ def test_single_merge_equals_unmerged(tiny_model_dir, tmp_path, variant):
     assert type(merged).__name__ == "LlamaForCausalLM"  # a plain model again, ready to export
 
 
+def test_modules_to_save_merges_as_peft_applies_it(tiny_model_dir, tmp_path):
+    import torch
+
+    path = make_adapter(tiny_model_dir, tmp_path / "adapter", modules_to_save=["lm_head"], targets=("q_proj",))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    head = next(k for k in weights if "lm_head" in k)
+    weights[head] = weights[head] + 0.05 * torch.randn_like(weights[head])  # a trained head, not the base copy
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    merged, _ = merge_adapters(base_model(tiny_model_dir), [read_adapter(AdapterSpec(path=str(path)))], PROBE)
+    for got, want in zip(logits_of(merged), logits_of(peft_applied(tiny_model_dir, [(path, 1.0)]))):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(AdapterError, match="modules_to_save .* cannot be weighted or combined"):
+        read_adapters([AdapterSpec(path=str(path), weight=0.5)])
+
+
 def test_two_weighted_adapters_equal_peft_weighted_combination(tiny_model_dir, tmp_path):
     first = make_adapter(tiny_model_dir, tmp_path / "a", seed=1, rank=4, targets=("q_proj", "v_proj"))
     second = make_adapter(tiny_model_dir, tmp_path / "b", seed=2, rank=2, targets=("q_proj", "o_proj", "up_proj"))
