@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             losses.append(float(loss))
             recent = sum(losses[-20:]) / len(losses[-20:])
             bar.update(job, advance=1, description=f"training (loss {recent:.3f})")
+            if not console.is_terminal and (step + 1) % 25 == 0:  # a log file still shows progress
+                console.print(f"step {step + 1}/{args.steps}: loss {recent:.3f} ({time.perf_counter() - started:.0f} s)")
     seconds = time.perf_counter() - started
     model.eval()
     args.output.mkdir(parents=True, exist_ok=True)
