@@ -87,10 +87,17 @@ class Classification:
 
 
 def _fields(text: str) -> list[str]:
+    """Placeholder names; a format spec or conversion ({text:>999999999}, {text!r}) is refused:
+    prompts only substitute text, and a width is a memory bomb in an untrusted bundle."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text) if name is not None]
     except ValueError as exc:  # a lone "{" or "}"
         raise TemplateError(f"{text[:40]!r}: {exc}", hint="write literal braces as {{ and }}") from None
+    for name, spec, conversion in parsed:
+        if spec or conversion:
+            raise TemplateError(f"{text[:40]!r}: placeholder {{{name}}} carries a format spec or conversion",
+                                hint="use plain {name} placeholders; write literal braces as {{ and }}")
+    return [name for name, _, _ in parsed]
 
 
 def _check_fields(name: str, part: str, text: str, allowed: set[str] | None, required: set[str] = frozenset()) -> None:
