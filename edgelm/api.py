@@ -15,7 +15,7 @@ from edgelm.config.plan import DEFAULT_MODEL, BuildPlan, apply_overrides, resolv
 from edgelm.config.profile import DeviceProfile, load_profile
 from edgelm.config._yaml import validate
 from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
-from edgelm.errors import ConfigError
+from edgelm.errors import ConfigError, write_error
 from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
@@ -131,9 +131,12 @@ def preflight(plan: BuildPlan) -> None:
 def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Progress = no_progress) -> BuildReport:
     Workspace(Path(output), force=force).check_output()
     preflight(plan)
-    with Workspace(Path(output), force=force) as workspace:
-        state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir)
-        run_stages(PIPELINE, state, progress)
-        manifest = finalize_manifest(state, quality=state.facts.get(CheckQuality.name, {}))
-        published = workspace.publish()
+    try:
+        with Workspace(Path(output), force=force) as workspace:
+            state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir)
+            run_stages(PIPELINE, state, progress)
+            manifest = finalize_manifest(state, quality=state.facts.get(CheckQuality.name, {}))
+            published = workspace.publish()
+    except OSError as exc:  # creating the temporary folder, the manifest, the final rename
+        raise (write_error(exc, str(output)) or exc) from exc
     return BuildReport(output=published, manifest=manifest, seconds=dict(state.seconds), facts=state.facts)

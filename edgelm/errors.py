@@ -38,3 +38,26 @@ class QualityGateError(StageError):
 
 class BundleExistsError(EdgelmError):
     """The output folder exists and --force was not given."""
+
+
+_DISK_FULL = {28, 122, 27}        # ENOSPC, EDQUOT, EFBIG (a file size limit)
+_NOT_WRITABLE = {1, 13, 30}       # EPERM, EACCES, EROFS
+
+
+def write_error(exc: BaseException, where: str) -> EdgelmError | None:
+    """A disk-full or permission OSError (`exc` or what it wraps) as one line naming the file;
+    None for anything else."""
+    seen = 0
+    while exc is not None and not isinstance(exc, OSError) and seen < 8:  # libraries wrap it (torch.onnx)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    if not isinstance(exc, OSError):
+        return None
+    target = exc.filename or "the bundle"
+    if exc.errno in _DISK_FULL:
+        return EdgelmError(f"{where}: disk full while writing {target} ({exc.strerror})",
+                           hint="free space where the bundle is written (the build works in a temporary folder "
+                                "beside -o and needs a few times the fp32 model's size), then rerun")
+    if exc.errno in _NOT_WRITABLE:
+        return EdgelmError(f"{where}: folder is not writable: cannot write {target} ({exc.strerror})",
+                           hint="choose an output folder you can write to (-o)")
+    return None

@@ -100,3 +100,37 @@ def test_verify_passes_a_good_bundle_and_names_a_damaged_file(tiny_bundle, tmp_p
     data.write_bytes(text[:-2] + (b"}}" if not text.endswith(b"}}") else b"]}"))  # same size, other bytes
     result = _run("verify", str(copy))
     assert result.exit_code == 2 and "tokenizer.json" in result.output and "Traceback" not in result.output
+
+
+def test_output_folder_not_writable(tiny_model_dir, tiny_recipe):
+    out = Path("/sys/edgelm-test-output")  # sysfs: not even root can create a folder there
+    result = _run("build", "--profile", "cpu-fp32", "--model", str(tiny_model_dir), "--recipe", str(tiny_recipe),
+                  "-o", str(out))
+    _assert_clean_error(result, "folder is not writable", "-o")
+    assert not out.exists()
+
+
+def test_disk_full_during_the_write_leaves_the_old_bundle(tiny_model_dir, tiny_recipe, tiny_bundle, tmp_path):
+    """A real build whose files may not grow past 64 KB (RLIMIT_FSIZE, the write fails as on a full
+    disk): one error line naming the file, exit 2, the previous bundle untouched, no temp folder."""
+    import resource
+    import shutil
+    import signal
+    import subprocess
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write then returns EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    result = subprocess.run(["edgelm", "build", "--profile", "cpu-fp32", "--model", str(tiny_model_dir), "--recipe",
+                             str(tiny_recipe), "-o", str(out), "--force"], capture_output=True, text=True,
+                            timeout=600, preexec_fn=small_disk)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "disk full while writing" in result.stderr and "free space" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edgelm-build-")]

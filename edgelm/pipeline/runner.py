@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from edgelm.errors import EdgelmError, StageError
+from edgelm.errors import EdgelmError, StageError, write_error
 from edgelm.pipeline.stage import BuildState, Progress, Stage
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,17 @@ def run_stages(stages: Sequence[Stage], state: BuildState, progress: Progress) -
             facts = stage.run(state, progress)
         except EdgelmError:
             raise
-        except (OSError, MemoryError) as exc:
+        except OSError as exc:
+            raise (write_error(exc, stage.name) or StageError(
+                stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
+                hint="check free disk space and memory, then rerun (--debug shows the traceback)")) from exc
+        except MemoryError as exc:
             raise StageError(stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
                              hint="check free disk space and memory, then rerun (--debug shows the traceback)") from exc
         except Exception as exc:  # a library failed inside the stage: one line for the user, the rest with --debug
+            disk = write_error(exc, stage.name)  # a library's wrapper around a full disk
+            if disk:
+                raise disk from exc
             raise StageError(stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
                              hint="rerun with --debug for the full traceback, and report it") from exc
         state.seconds[stage.name] = round(time.perf_counter() - start, 2)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.errors import StageError
+from edgelm.errors import StageError, write_error
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm_runtime.bundle import ModelIO
 
@@ -224,6 +224,9 @@ class ExportOnnx:
         except StageError:
             raise
         except Exception as exc:
+            disk = write_error(exc, self.name)
+            if disk:
+                raise disk from exc
             raise StageError(self.name, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
                              hint="rerun with --debug for the exporter's full report") from exc
         progress(self.name, 0, None, "checking parity with PyTorch")
