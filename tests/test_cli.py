@@ -134,3 +134,12 @@ def test_disk_full_during_the_write_leaves_the_old_bundle(tiny_model_dir, tiny_r
     assert "disk full while writing" in result.stderr and "free space" in result.stderr
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edgelm-build-")]
+
+
+def test_calibration_samples_all_longer_than_the_context(tiny_model_dir, tiny_recipe, tmp_path):
+    text = tmp_path / "book.txt"  # a whole text on one line: not one-sample-per-line
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 200) + "\n")
+    result = _run("build", "--profile", "cpu-w8a8", "--model", str(tiny_model_dir), "--recipe", str(tiny_recipe),
+                  "--calibration", str(text), "-o", str(tmp_path / "out"))
+    _assert_clean_error(result, "book.txt: every calibration sample is longer than the context (256 tokens", "one sample per line")
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.config.plan import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL
-from edgelm.errors import ModelLoadError
+from edgelm.errors import ConfigError, ModelLoadError
 from edgelm.pipeline.stage import BuildState, Progress
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,26 @@ class LoadModel:
         if state.max_seq_len > limit:
             raise ModelLoadError(f"max_seq_len {state.max_seq_len} exceeds the model's limit {limit}",
                                  hint=f"use at most {limit}")
+        check_calibration_fits(state.plan.calibration.source, loaded.tokenizer, state.max_seq_len)
         return {"model": Path(loaded.source["path"]).name, "format": loaded.source["format"],
                 "model_type": config.model_type, "parameters": loaded.source["parameters"],
                 "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
+
+
+def check_calibration_fits(source: str, tokenizer: Any, context: int) -> None:
+    """A calibration file whose every sample is longer than the context is almost always a file
+    without line breaks (one sample per line is the format): refuse it instead of calibrating on
+    the first tokens of one giant sample. Longer samples among shorter ones are cut, as usual."""
+    from edgelm.stages.calibration import read_calibration_file
+
+    if source == "builtin":
+        return
+    texts = read_calibration_file(Path(source))
+    shortest = min(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    if shortest > context:
+        raise ConfigError(f"{source}: every calibration sample is longer than the context ({context} tokens; "
+                          f"the shortest has {shortest})",
+                          hint="put one sample per line (split long text into lines), or raise --max-seq-len")
 
 
 def _load_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:

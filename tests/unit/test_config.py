@@ -165,3 +165,17 @@ def test_unknown_adapter_field_named(tmp_path):
     path.write_text("adapters: [{path: a, wieght: 2}]\n")
     with pytest.raises(ConfigError, match=r"r.yaml: adapters.0.wieght: unknown field"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("profile,edit,field", [
+    ("cpu-int4", ('"block_size":16', '"block_size":7'), "quantization.weight-only.block_size"),
+    ("cpu-w8a8", ('"smoothquant_alpha":0.5', '"smoothquant_alpha":-0.5'), "quantization.static-qdq.smoothquant_alpha"),
+])
+def test_out_of_range_profile_values_name_the_field(tmp_path, profile, edit, field):
+    text = load_profile(profile).model_dump_json()
+    assert edit[0] in text
+    path = tmp_path / "mine.yaml"
+    path.write_text(text.replace(*edit))
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(path) in err.value.message and field in err.value.message
