@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,14 @@ class Manifest:
             fields["generation"] = _build(GenerationDefaults, fields.get("generation", {}), "generation")
             fields["files"] = {p: _build(FileEntry, e, f"files.{p}") for p, e in fields.get("files", {}).items()}
             fields["eos_token_ids"] = tuple(int(i) for i in fields["eos_token_ids"])
+            for name in ("past_key", "past_value", "present_key", "present_value"):
+                template = getattr(fields["io"], name)
+                try:
+                    ok = "{i}" in template and template.format(i=0) != template.format(i=1)
+                except (KeyError, IndexError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"io.{name}: {template!r} must name each layer with {{i}} and nothing else in braces")
             return _build(cls, fields, "")
         except KeyError as missing:
             raise BundleError(f"{source}: missing field {missing.args[0]}",
@@ -129,13 +140,57 @@ class Manifest:
 
 
 def _build(kind: type, values: Any, where: str) -> Any:
+    """`kind(**values)` with every field's JSON type checked against its annotation, so a damaged
+    manifest fails here, naming the field, and not deep inside onnxruntime or numpy."""
     if not isinstance(values, dict):
         raise TypeError(f"{where or 'manifest'}: expected an object")
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"{(where + '.') if where else ''}{unknown[0]}: unknown field")
-    return kind(**values)
+    hints = typing.get_type_hints(kind)
+    for name, value in values.items():
+        if not _matches(value, hints[name]):
+            raise TypeError(f"{(where + '.') if where else ''}{name}: expected {_describe(hints[name])}, "
+                            f"got {type(value).__name__} {str(value)[:40]!r}")
+    built = kind(**values)
+    for name in _POSITIVE.get(kind.__name__, ()):
+        if getattr(built, name) < 1:
+            raise ValueError(f"{(where + '.') if where else ''}{name}: must be at least 1 (got {getattr(built, name)})")
+    return built
+
+
+# integer fields that size arrays: zero or negative would fail later, inside numpy or onnxruntime
+_POSITIVE = {"KVLayout": ("num_layers", "num_kv_heads", "head_dim"), "Manifest": ("max_seq_len", "vocab_size")}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -222,7 +222,11 @@ class ChatTemplate:
                     if size > MAX_RENDER_CHARS:
                         raise _too_big("renders past the output limit")
                     pieces.append(piece)
-            return "".join(pieces)
+            prompt = "".join(pieces)
+            if not prompt.strip():
+                raise TemplateError("the chat template rendered nothing for these messages",
+                                    hint="the template is broken; fix it or rebuild the bundle")
+            return prompt
         except RenderLimitError as exc:
             message = exc.message if exc.message.startswith(self.name) else f"{self.name}: {exc.message}"
             raise RenderLimitError(message, hint=exc.hint) from None
