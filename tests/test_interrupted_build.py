@@ -42,3 +42,16 @@ def test_killed_build_leaves_the_previous_bundle_alone(sig, after, tiny_bundle, 
         assert json.loads(after_kill)["profile"] == "cpu-int8"
     er.load_bundle(out, verify=True).generate("hello", max_new_tokens=2)
     assert not list(out.parent.glob(".edgelm-build-*"))  # the temporary folder is gone
+
+
+@pytest.mark.parametrize("after", [0.1, 0.25, 0.5])
+def test_ctrl_c_while_the_command_starts_is_quiet(after, tmp_path):
+    """Ctrl-C during the CLI's own imports (the first half second): "interrupted", exit 130, no
+    traceback from deep inside importlib, nothing written."""
+    command = subprocess.Popen([sys.executable, "-c", "from edgelm._launch import main; main()", "build",
+                                "-o", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    command.send_signal(signal.SIGINT)
+    _, errors = command.communicate(timeout=120)
+    assert command.returncode == 130 and "Traceback" not in errors and "interrupted" in errors, errors
+    assert list(tmp_path.iterdir()) == []
