@@ -283,6 +283,7 @@ def chat(
     llm = er.load_bundle(bundle, threads=threads)
     options = _sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    llm.render_chat([*history, {"role": "user", "content": "Hello"}])  # a broken chat template fails here, not mid-chat
     console.print(f"[dim]{llm.manifest.name} ({llm.manifest.profile}) — /reset clears the history, "
                   "/system TEXT sets the system prompt, /exit or Ctrl-D quits, Ctrl-C stops an answer[/]")
     while True:
@@ -349,6 +350,8 @@ def _chat_turn(llm: Any, history: list[dict[str, str]], options: dict[str, Any])
 
     try:
         kept = llm.fit_history(history, options["max_new_tokens"])
+    except er.TemplateError:  # the bundle's chat template is broken: no turn can work, end the chat (exit 2)
+        raise
     except er.GenerationError as exc:
         err_console.print(f"[bold red]error:[/] {exc.message}\n[bold]hint:[/] {exc.hint}", highlight=False)
         return history[:-1]

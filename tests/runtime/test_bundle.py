@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import re
+
 import pytest
 
 import edgelm_runtime as er
@@ -86,3 +88,16 @@ def test_manifest_io_names_must_exist_in_the_model(bundle_copy: Path, edit_manif
 def test_frozen_manifest(tiny_bundle: Path) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         er.read_manifest(tiny_bundle).max_seq_len = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m["kv"].update(num_kv_heads="3"), "kv.num_kv_heads: expected int"),
+    (lambda m: m["kv"].update(head_dim=0), "kv.head_dim: must be at least 1"),
+    (lambda m: m.update(session_options=1.5), "session_options: expected dict"),
+    (lambda m: m.update(prompt_templates_file=["x"]), "prompt_templates_file: expected str | None"),
+    (lambda m: m["io"].update(past_key="past.{0}.key"), "io.past_key"),
+])
+def test_mistyped_manifest_fields_are_named(bundle_copy: Path, edit_manifest: Callable, edit, field: str) -> None:
+    edit_manifest(bundle_copy, edit)
+    with pytest.raises(er.BundleError, match=re.escape(field)):
+        er.load_bundle(bundle_copy)
