@@ -154,14 +154,16 @@ def _build(kind: type, values: Any, where: str) -> Any:
             raise TypeError(f"{(where + '.') if where else ''}{name}: expected {_describe(hints[name])}, "
                             f"got {type(value).__name__} {str(value)[:40]!r}")
     built = kind(**values)
-    for name in _POSITIVE.get(kind.__name__, ()):
-        if getattr(built, name) < 1:
-            raise ValueError(f"{(where + '.') if where else ''}{name}: must be at least 1 (got {getattr(built, name)})")
+    for name, limit in _SIZES.get(kind.__name__, {}).items():
+        if not 1 <= getattr(built, name) <= limit:
+            raise ValueError(f"{(where + '.') if where else ''}{name}: must be between 1 and {limit} "
+                             f"(got {getattr(built, name)})")
     return built
 
 
-# integer fields that size arrays: zero or negative would fail later, inside numpy or onnxruntime
-_POSITIVE = {"KVLayout": ("num_layers", "num_kv_heads", "head_dim"), "Manifest": ("max_seq_len", "vocab_size")}
+# integer fields that size arrays: out of range, they fail later inside numpy or onnxruntime
+_SIZES = {"KVLayout": {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096},
+          "Manifest": {"max_seq_len": 1 << 22, "vocab_size": 1 << 22}}
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -237,6 +239,9 @@ def read_manifest(folder: str | Path) -> Manifest:
 def resolve_inside(folder: Path, relative: str, what: str) -> Path:
     """Resolve a manifest path, refusing any that leaves the bundle folder."""
     root = folder.resolve()
+    if "\x00" in relative or not relative.strip():
+        raise BundleError(f"{folder / MANIFEST_FILE}: {what} {relative!r} is not a file name",
+                          hint="the manifest was tampered with; rebuild the bundle")
     target = (root / relative).resolve()
     if not target.is_relative_to(root):
         raise BundleError(f"{folder / MANIFEST_FILE}: {what} {relative!r} leaves the bundle folder",

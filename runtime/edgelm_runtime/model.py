@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm_runtime.bundle import Manifest, resolve_inside, verify_bundle
+from edgelm_runtime.bundle import MANIFEST_FILE, Manifest, resolve_inside, verify_bundle
 from edgelm_runtime.errors import BundleError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
@@ -47,7 +47,13 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     if manifest.prompt_templates_file is not None:
         prompts = read_prompts(resolve_inside(folder, manifest.prompt_templates_file, "prompt_templates_file"))
     decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads)
-    return LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
+    llm = LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
+    try:
+        llm.sampling_params()  # the manifest's generation defaults must be valid sampling settings
+    except GenerationError as exc:
+        raise BundleError(f"{folder / MANIFEST_FILE}: generation defaults: {exc.message}",
+                          hint="fix the manifest's generation section, or rebuild the bundle") from None
+    return llm
 
 
 class LanguageModel:

@@ -7,6 +7,7 @@ decode step (past = the previous step's present tensors, handed back as they cam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -33,7 +34,7 @@ def session_options(manifest: Manifest, threads: int | None = None) -> ort.Sessi
         raise BundleError(f"{where}.{unknown[0]}: unknown option (known: {', '.join(_SESSION_OPTION_KEYS)})",
                           hint="rebuild the bundle, or upgrade edgelm-runtime if a newer edgelm wrote it")
     level = values.get("graph_optimization_level", "all")
-    if level not in _OPTIMIZATION_LEVELS:
+    if not isinstance(level, str) or level not in _OPTIMIZATION_LEVELS:
         raise BundleError(f"{where}.graph_optimization_level: {level!r} is not one of "
                           f"{', '.join(_OPTIMIZATION_LEVELS)}", hint="fix the manifest or rebuild the bundle")
     intra = values.get("intra_op_threads", 0) if threads is None else threads
@@ -91,6 +92,7 @@ class DecoderSession:
             raise BundleError(f"the model input {unfed[0]!r} is not named in {MANIFEST_FILE} io",
                               hint="the manifest does not match model.onnx; rebuild the bundle")
         _check_names("output", self._output_names, {o.name for o in session.get_outputs()})
+        _check_kv_shape(session, self._past_names[0], kv)
 
     @property
     def vocab_size(self) -> int:
@@ -133,6 +135,16 @@ class DecoderSession:
         if last_only:
             logits = logits[:, -1:]
         return logits.astype(np.float32, copy=False), present
+
+
+def _check_kv_shape(session: ort.InferenceSession, name: str, kv: Any) -> None:
+    """The graph's past input is (batch, kv_heads, past_seq, head_dim): where it fixes heads and
+    head_dim, the manifest's KV layout must agree (else the cache is allocated wrong)."""
+    shape = next(i.shape for i in session.get_inputs() if i.name == name)
+    for axis, field, value in ((1, "num_kv_heads", kv.num_kv_heads), (3, "head_dim", kv.head_dim)):
+        if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != value:
+            raise BundleError(f"{MANIFEST_FILE}: kv.{field} is {value} but model.onnx's {name} has {shape[axis]}",
+                              hint="the manifest does not match model.onnx; rebuild the bundle")
 
 
 def _check_names(kind: str, wanted: list[str], have: set[str]) -> None:

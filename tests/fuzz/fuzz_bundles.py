@@ -13,8 +13,8 @@ the run ends with a summary line; the exit code is 1 if any case broke the rule.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import random
 import shutil
 import signal
@@ -46,7 +46,7 @@ HOSTILE_TEMPLATES = [
     "{% for m in messages %}",
     "{{ messages | tojson(indent=99999999) }}",
 ]
-JUNK_VALUES: list[Any] = [None, -1, 0, 2**63, -(2**63), 1e308, float("nan"), "", "../../etc/passwd", "/etc/passwd",
+JUNK_VALUES: list[Any] = [None, -1, 0, 1, 7, 4096, 2**63, -(2**63), 1e308, float("nan"), "", "../../etc/passwd", "/etc/passwd",
                           [], {}, [1, "a", None], {"x": {"y": [None]}}, True, "\x00", "é" * 1000, 3.5]
 
 
@@ -101,9 +101,9 @@ def mutate_manifest(rng: random.Random, folder: Path) -> str:
                 for part in container_path:
                     container = container[part]
                 if isinstance(container, dict):
-                    container["surprise_" + str(rng.randint(0, 99))] = rng.choice(JUNK_VALUES)
+                    container["surprise_" + str(rng.randint(0, 99))] = copy.deepcopy(rng.choice(JUNK_VALUES))
             else:
-                _set(data, target, rng.choice(JUNK_VALUES))
+                _set(data, target, copy.deepcopy(rng.choice(JUNK_VALUES)))
         except (KeyError, IndexError, TypeError):
             continue
         described.append(f"{action} {'.'.join(map(str, target))}")

@@ -19,6 +19,7 @@ def test_damaged_bundles_only_raise_edgelm_errors(tiny_bundle):
     assert result.returncode == 0, f"last case: {last_case}\n{result.stderr[-4000:]}"
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["cases"] == 120 and summary["failures"] == 0
-    assert set(summary["outcomes"]) <= {"used", "BundleError", "TemplateError", "RenderLimitError"}
+    # GenerationError only for a use the damage made impossible (a prompt longer than a context shrunk to 1)
+    assert set(summary["outcomes"]) <= {"used", "BundleError", "TemplateError", "RenderLimitError", "GenerationError"}
     assert summary["outcomes"].get("BundleError", 0) > 30 and summary["outcomes"].get("TemplateError", 0) > 5
     assert summary["slowest_case_s"] < 20

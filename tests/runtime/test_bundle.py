@@ -92,10 +92,14 @@ def test_frozen_manifest(tiny_bundle: Path) -> None:
 
 @pytest.mark.parametrize("edit,field", [
     (lambda m: m["kv"].update(num_kv_heads="3"), "kv.num_kv_heads: expected int"),
-    (lambda m: m["kv"].update(head_dim=0), "kv.head_dim: must be at least 1"),
+    (lambda m: m["kv"].update(head_dim=0), "kv.head_dim: must be between 1 and 4096"),
     (lambda m: m.update(session_options=1.5), "session_options: expected dict"),
     (lambda m: m.update(prompt_templates_file=["x"]), "prompt_templates_file: expected str | None"),
     (lambda m: m["io"].update(past_key="past.{0}.key"), "io.past_key"),
+    (lambda m: m["kv"].update(head_dim=8), "kv.head_dim is 8 but model.onnx's past_key_values.0.key has 16"),
+    (lambda m: m["session_options"].update(graph_optimization_level={}), "graph_optimization_level"),
+    (lambda m: m["generation"].update(top_p=-2.0), "generation defaults: top_p is -2.0"),
+    (lambda m: m["files"].update({"tok\x00.json": {"sha256": "0" * 64, "size": 1}}), "is not a file name"),
 ])
 def test_mistyped_manifest_fields_are_named(bundle_copy: Path, edit_manifest: Callable, edit, field: str) -> None:
     edit_manifest(bundle_copy, edit)
