@@ -183,6 +183,17 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     return ""
 
 
+def precision(profile: Any) -> str:
+    """A profile's numeric format in a few words (edgelm profiles)."""
+    q = profile.quantization
+    if q.mode == "none":
+        return "fp32"
+    if q.mode == "static-qdq":
+        return f"W8A8 static QDQ ({q.weight_dtype} weights, {q.activation_dtype} activations)"
+    compute = "int8 compute" if q.accuracy_level == 4 else "float compute"
+    return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}"
+
+
 def build_summary(report: Any) -> Table:
     table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
     for name, facts in report.facts.items():

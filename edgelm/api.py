@@ -16,6 +16,8 @@ from edgelm.config.profile import DeviceProfile, load_profile
 from edgelm.config._yaml import validate
 from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
 from edgelm.errors import ConfigError, write_error
+from edgelm.hardware import preflight_warnings
+from edgelm_runtime.hardware import host_features
 from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
@@ -128,12 +130,18 @@ def preflight(plan: BuildPlan) -> None:
     load_eval_text(plan.quality.eval_text)
 
 
+def host_warnings(plan: BuildPlan) -> list[str]:
+    """Warnings about building `plan` on this machine (shown before the build, never fatal)."""
+    return preflight_warnings(plan.profile, host_features())
+
+
 def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Progress = no_progress) -> BuildReport:
     Workspace(Path(output), force=force).check_output()
     preflight(plan)
     try:
         with Workspace(Path(output), force=force) as workspace:
-            state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir)
+            state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir,
+                               build_host=host_features())
             run_stages(PIPELINE, state, progress)
             manifest = finalize_manifest(state, quality=state.facts.get(CheckQuality.name, {}))
             published = workspace.publish()

@@ -85,6 +85,8 @@ def build(
     quiet_libraries()
     plan = api.plan_build(profile, recipe, model, name or (None if from_bundle else output.name),
                           _overrides(calibration, samples, max_seq_len, templates), accuracy_budget, adapter, from_bundle)
+    for warning in api.host_warnings(plan):
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with BuildProgress(console, api.PIPELINE) as progress:
@@ -115,16 +117,37 @@ def plan(
     console.print_json(json.dumps(resolved.summary()))
 
 
-@app.command()
+profiles_app = typer.Typer(help="List the device profiles, or show one in full.", no_args_is_help=False)
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.callback(invoke_without_command=True)
 @reports_errors
-def profiles() -> None:
-    """List the built-in device profiles."""
+def profiles(ctx: typer.Context) -> None:
+    """List the built-in device profiles: provider, precision, required fusions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgelm._render import precision
     from edgelm.config.profile import list_profiles
 
-    table = Table("profile", "provider", "quantization", "description")
+    table = Table("profile", "provider", "precision", "required fusions")
     for p in list_profiles():
-        table.add_row(p.name, p.provider, p.quantization.mode, p.description)
+        table.add_row(p.name, p.provider.replace("ExecutionProvider", ""), precision(p),
+                      ", ".join(p.fusions.required) or "-")
     console.print(table)
+    console.print("[dim]edgelm profiles show NAME prints one in full; --profile also takes a path to your own .yaml[/]")
+
+
+@profiles_app.command("show")
+@reports_errors
+def profiles_show(name: str = typer.Argument(..., help="Profile name or path to a .yaml profile.")) -> None:
+    """Print one profile with every field (defaults included), as YAML you can copy and edit."""
+    import yaml
+
+    from edgelm.config.profile import load_profile
+
+    profile = load_profile(name)
+    sys.stdout.write(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
 
 
 @app.command()

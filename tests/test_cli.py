@@ -69,10 +69,23 @@ def test_generate_on_a_folder_that_is_not_a_bundle(tmp_path):
     _assert_clean_error(_run("generate", str(tmp_path), "hi"), "manifest.json")
 
 
-def test_profiles_lists_descriptions():
+def test_profiles_list_and_show(tmp_path, monkeypatch):
+    from edgelm import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
     result = _run("profiles")
-    assert result.exit_code == 0 and "cpu-int8" in result.output and "static-qdq" in result.output
-    assert "cpu-int4" in result.output and "weight-only" in result.output
+    assert result.exit_code == 0, result.output
+    assert "cpu-int8" in result.output and "int8 weights, block 32, int8 compute" in result.output
+    assert "W8A8 static QDQ" in result.output and "SkipSimplifiedLayerNormalization" in result.output
+    shown = _run("profiles", "show", "cpu-int4")
+    assert shown.exit_code == 0 and "accuracy_level: 4" in shown.output and "block_size: 16" in shown.output
+    own = tmp_path / "mine.yaml"  # what `show` prints is a profile file: edit it and pass it to --profile
+    own.write_text(shown.output.replace("name: cpu-int4", "name: mine").replace("block_size: 16", "block_size: 32"))
+    from edgelm.config.profile import load_profile
+
+    mine = load_profile(own)
+    assert mine.name == "mine" and mine.quantization.block_size == 32 and mine.quantization.bits == 4
+    _assert_clean_error(_run("profiles", "show", "tpu-int2"), "unknown profile 'tpu-int2'")
 
 
 def test_generate_and_inspect_on_tiny_bundle(tiny_bundle):

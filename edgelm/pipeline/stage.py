@@ -30,6 +30,7 @@ class BuildState:
     max_seq_len: int = 0
     source: dict[str, Any] = field(default_factory=dict)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # merged adapters (MergeAdapters)
+    build_host: dict[str, Any] = field(default_factory=dict)      # this machine's CPU features (preflight)
     reference_onnx: Path | None = None   # fp32 export: parity and quality reference
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None

@@ -104,9 +104,9 @@ def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
     """Add the plan, the merged adapters, provenance (versions, source, every stage's facts and
     seconds) and quality."""
     manifest = read_manifest(state.bundle_dir)
-    provenance = {"source": state.source, "versions": versions(),
+    provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
                   "stages": {name: {"seconds": state.seconds.get(name), **facts} for name, facts in state.facts.items()}}
     final = dataclasses.replace(manifest, quality=quality, plan=state.plan.summary(), adapters=list(state.adapters),
-                                provenance=provenance)
+                                fusions=dict(state.facts.get("fuse", {}).get("fused", {})), provenance=provenance)
     write_manifest(state.bundle_dir, final)
     return final

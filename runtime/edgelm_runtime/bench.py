@@ -232,29 +232,10 @@ def _machine() -> dict[str, Any]:
 
     import onnxruntime
 
-    return {"cpu": _cpu_model() or platform.machine(), "cores": os.cpu_count(), "isa": _cpu_flags(),
+    from edgelm_runtime.hardware import amx_probe, cpu_flags, cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": cpu_flags(), "amx_usable": amx_probe()[0],
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-
-
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "asimddp", "i8mm")
-
-
-def _cpu_flags() -> list[str]:
-    """The ISA extensions that decide which int8/int4 kernels run (as the CPU advertises them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = {word for line in text.splitlines() if line.startswith(("flags", "Features")) for word in line.split()}
-    return [flag for flag in _ISA_FLAGS if flag in flags]
-
-
-def _cpu_model() -> str | None:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def main() -> None:

@@ -97,6 +97,8 @@ class Manifest:
     # into the weights: [{path, sha256, weight, merge_max_abs_diff, ...}]
     plan: dict[str, Any] = field(default_factory=dict)
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    # fused ops in the graph after the fuse stage (op type -> count), checked against the profile
+    fusions: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

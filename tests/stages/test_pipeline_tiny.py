@@ -20,6 +20,9 @@ def test_fp32_bundle_manifest_records_parity_fusions_and_quality(tiny_bundle):
     parity = stages["export"]["parity"]
     assert parity["max_abs_diff_no_past"] < 1e-4 and parity["max_abs_diff_with_past"] < 1e-4
     assert stages["fuse"]["fused"]["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x 2 norms
+    assert manifest.fusions == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+                                "GroupQueryAttention": 2}  # the fused export's attention counts too
+    assert manifest.provenance["build_host"]["isa"] and "amx_usable" in manifest.provenance["build_host"]
     assert manifest.quality["perplexity_ratio"] < 1.001 and manifest.quality["top1_agreement"] > 0.99
     assert manifest.plan["profile"]["name"] == "cpu-fp32"
     assert manifest.provenance["source"]["format"] == "safetensors" and len(manifest.provenance["source"]["sha256"]) == 64
