@@ -141,6 +141,9 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "quantize":
         if facts["mode"] == "none":
             return "none (fp32)"
+        if facts["mode"] == "float16":
+            kept = f", fp32 kept: {', '.join(facts['fp32_ops'])}" if facts["fp32_ops"] else ""
+            return f"fp16 weights, activations and KV cache{kept}, {facts['size_mb_before']} -> {facts['size_mb_after']} MB"
         if facts["mode"] == "weight-only":
             eight = f" ({facts['int8_matmuls']} at 8-bit)" if facts.get("int8_matmuls") else ""
             return (f"{facts['algorithm']} {facts['bits']}-bit block {facts['block_size']}, {facts['quantized_matmuls']} MatMuls"
@@ -178,8 +181,10 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":
+        where = "" if facts.get("measured_on", facts.get("provider")) == facts.get("provider") else \
+            f" (on {facts['measured_on']}: no {facts['provider']} here)"
         return (f"ppl {facts['perplexity']:.2f} vs {facts['reference_perplexity']:.2f} "
-                f"(x{facts['perplexity_ratio']:.3f}), top-1 {facts['top1_agreement']:.3f}")
+                f"(x{facts['perplexity_ratio']:.3f}), top-1 {facts['top1_agreement']:.3f}{where}")
     return ""
 
 
@@ -188,6 +193,8 @@ def precision(profile: Any) -> str:
     q = profile.quantization
     if q.mode == "none":
         return "fp32"
+    if q.mode == "float16":
+        return "fp16" + (f" (fp32: {', '.join(q.keep_fp32_ops)})" if q.keep_fp32_ops else "")
     if q.mode == "static-qdq":
         return f"W8A8 static QDQ ({q.weight_dtype} weights, {q.activation_dtype} activations)"
     compute = "int8 compute" if q.accuracy_level == 4 else "float compute"

@@ -88,7 +88,16 @@ class WeightOnly(Frozen):
         return self
 
 
-Quantization = Annotated[Union[NoQuantization, StaticQDQ, WeightOnly], Field(discriminator="mode")]
+class Float16(Frozen):
+    """fp16 weights and activations (onnxruntime.transformers.float16), for GPUs. Ops that
+    overflow or lose too much in fp16 stay fp32 with casts around them (`keep_fp32_ops`); the KV
+    cache is fp16; input ids, mask and logits keep their types at the graph's edge."""
+
+    mode: Literal["float16"]
+    keep_fp32_ops: tuple[str, ...] = ()
+
+
+Quantization = Annotated[Union[NoQuantization, StaticQDQ, WeightOnly, Float16], Field(discriminator="mode")]
 
 
 class SessionSettings(Frozen):

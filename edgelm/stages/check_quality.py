@@ -33,11 +33,17 @@ class CheckQuality:
         assemble_bundle(reference_dir, state.reference_onnx, state, f"{state.plan.name}-fp32-reference", "reference",
                         "CPUExecutionProvider", session_options(state), provenance={})
         state.reference_bundle = reference_dir
-        candidate = edgelm_runtime.load_bundle(state.bundle_dir)
+        # a bundle for a device this machine lacks (CUDA, QNN) is checked on the CPU provider,
+        # and the manifest says so: the numbers are the graph's, not the device's
+        import onnxruntime
+
+        provider = state.plan.profile.provider
+        measured_on = provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
+        candidate = edgelm_runtime.load_bundle(state.bundle_dir, provider=measured_on)
         reference = edgelm_runtime.load_bundle(reference_dir)
         metrics = compare(candidate, reference, windows,
                           on_window=lambda i: progress(self.name, i, len(windows), f"window {i}/{len(windows)}"))
-        metrics.update({"eval_text": settings.eval_text, "windows": settings.windows,
+        metrics.update({"provider": provider, "measured_on": measured_on, "eval_text": settings.eval_text, "windows": settings.windows,
                         "window_len": settings.window_len, "windows_sha256": fingerprint(windows)})
         failures = gate_failures(metrics, settings)
         if failures:

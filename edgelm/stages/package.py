@@ -69,13 +69,22 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
         chat_template_file=CHAT_TEMPLATE_FILE if state.chat_template else None,
         prompt_templates_file=PROMPTS_FILE if prompts else None,
-        kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype="float32",
+        kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=kv_dtype(onnx_path),
                     share_buffer=attention_shares_kv(onnx_path)),
         io=state.graph_io or ModelIO(), max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provenance=provenance, files=describe_files(dest))
     write_manifest(dest, manifest)
     return manifest
+
+
+def kv_dtype(onnx_path: Path) -> str:
+    """The element type of the graph's past KV inputs (float16 after the float16 conversion)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    past = next((v for v in graph.input if v.name.startswith("past_key_values.")), None)
+    if past is None:
+        return "float32"
+    return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
 
 
 def attention_shares_kv(onnx_path: Path) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from edgelm.config.profile import StaticQDQ, WeightOnly
+from edgelm.config.profile import StaticQDQ, WeightOnly, Float16
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
@@ -63,6 +63,8 @@ class Quantize:
         settings = state.plan.profile.quantization
         if isinstance(settings, WeightOnly):
             return self._weight_only(state, settings, progress)
+        if isinstance(settings, Float16):
+            return self._float16(state, settings)
         if not isinstance(settings, StaticQDQ):
             return {"mode": settings.mode}
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -121,6 +123,24 @@ class Quantize:
                 "calibration_feeds": feeds.count, "calibration_samples": len(token_ids),
                 "calibration_source": state.plan.calibration.source,
                 "size_mb_before": round(before / 1e6, 1), "size_mb_after": round(after / 1e6, 1), **facts}
+
+    def _float16(self, state: BuildState, settings: Float16) -> dict[str, Any]:
+        """onnxruntime's float16 converter; the past/present KV tensors become fp16 too (on a GPU
+        the cache stays on the device in fp16), everything else at the graph's edge keeps its type."""
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        source = state.current_onnx
+        model = onnx.load(str(source), load_external_data=True)
+        edge = [v.name for v in [*model.graph.input, *model.graph.output]
+                if not v.name.startswith(("past_key_values.", "present."))]
+        converted = convert_float_to_float16(model, keep_io_types=edge, op_block_list=list(settings.keep_fp32_ops),
+                                             disable_shape_infer=True)
+        target = state.work_dir / "float16" / "model.onnx"
+        save_external(converted, target)
+        state.current_onnx = target
+        kept = sorted({n.op_type for n in converted.graph.node if n.op_type in settings.keep_fp32_ops})
+        return {"mode": settings.mode, "fp32_ops": kept, "size_mb_before": round(folder_size(source) / 1e6, 1),
+                "size_mb_after": round(folder_size(target) / 1e6, 1)}
 
     def _weight_only(self, state: BuildState, settings: WeightOnly, progress: Progress) -> dict[str, Any]:
         source = state.current_onnx

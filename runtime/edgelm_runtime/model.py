@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 Messages = list[dict[str, Any]]
 
 
-def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None) -> LanguageModel:
+def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None,
+                provider: str | None = None) -> LanguageModel:
     """Open a bundle folder. File sizes are always checked; verify=True also checks every sha256.
-    `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default)."""
+    `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default);
+    `provider` the manifest's execution provider (e.g. run a GPU bundle on the CPU to check it)."""
     folder = Path(path)
     manifest = verify_bundle(folder, check_hashes=verify)
     tokenizer = BundleTokenizer.from_file(resolve_inside(folder, manifest.tokenizer_file, "tokenizer_file"))
@@ -46,7 +48,7 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     prompts = {}
     if manifest.prompt_templates_file is not None:
         prompts = read_prompts(resolve_inside(folder, manifest.prompt_templates_file, "prompt_templates_file"))
-    decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads)
+    decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads, provider)
     llm = LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
     try:
         llm.sampling_params()  # the manifest's generation defaults must be valid sampling settings

@@ -48,20 +48,25 @@ def session_options(manifest: Manifest, threads: int | None = None) -> ort.Sessi
     return options
 
 
-def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = None) -> DecoderSession:
-    """An InferenceSession on the manifest's provider, checked against the manifest's I/O names."""
+def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = None,
+                 provider: str | None = None) -> DecoderSession:
+    """An InferenceSession on the manifest's provider (or `provider`, e.g. CPUExecutionProvider to
+    check a GPU bundle on a machine without one), checked against the manifest's I/O names. Ops
+    the provider lacks fall back to the CPU, as onnxruntime does when both are listed."""
+    chosen = provider or manifest.provider
     available = ort.get_available_providers()
-    if manifest.provider not in available:
-        raise BundleError(f"provider {manifest.provider} is not available in this onnxruntime "
+    if chosen not in available:
+        raise BundleError(f"provider {chosen} is not available in this onnxruntime "
                           f"(available: {', '.join(available)})",
-                          hint=f"install an onnxruntime build with {manifest.provider}, "
+                          hint=f"install an onnxruntime build with {chosen}, "
                                "or build a bundle with a profile for this machine")
     if manifest.kv.dtype not in _KV_DTYPES:
         raise BundleError(f"{MANIFEST_FILE}: kv.dtype {manifest.kv.dtype!r} is not one of "
                           f"{', '.join(_KV_DTYPES)}", hint="rebuild the bundle")
     options = session_options(manifest, threads)
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=[manifest.provider])
+        providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
         raise BundleError(f"{model_path}: onnxruntime could not load the model ({exc})",
                           hint="the file is corrupt or needs a newer onnxruntime; "
@@ -155,6 +160,15 @@ def _check_names(kind: str, wanted: list[str], have: set[str]) -> None:
                           hint="the manifest does not match model.onnx; rebuild the bundle")
 
 
+# where an execution provider keeps tensors (IO binding device names); anything else: the host
+_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+def cache_device(session: ort.InferenceSession) -> str:
+    """The device of the session's first provider: where the KV cache should live."""
+    return _PROVIDER_DEVICES.get(session.get_providers()[0], "cpu")
+
+
 class Stepper:
     """Runs one sequence forward, token chunk by token chunk, returning last-position logits.
 
@@ -178,18 +192,23 @@ class Stepper:
             self._binding.bind_ortvalue_output(io.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
         else:
             self._binding.bind_output(io.logits, "cpu")
+        self._device = cache_device(decoder._session)
         if self._shared:
             shape = (1, kv.num_kv_heads, capacity, kv.head_dim)
-            self._cache = [np.zeros(shape, dtype=decoder._kv_dtype) for _ in decoder._past_names]
-            for past, present, buffer in zip(decoder._past_names, decoder._present_names, self._cache):
-                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            if self._device == "cpu":
+                self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=decoder._kv_dtype))
+                               for _ in decoder._past_names]
+            else:  # the cache lives on the accelerator: allocated there once, never copied to the host
+                self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder._kv_dtype, self._device, 0)
+                               for _ in decoder._past_names]
+            for past, present, value in zip(decoder._past_names, decoder._present_names, self._cache):
                 self._binding.bind_ortvalue_input(past, value)
                 self._binding.bind_ortvalue_output(present, value)
         else:
             for past, value in zip(decoder._past_names, decoder.empty_past(1)):
                 self._binding.bind_cpu_input(past, value)
             for present in decoder._present_names:
-                self._binding.bind_output(present, "cpu")
+                self._binding.bind_output(present, self._device)
 
     def feed(self, token_ids: np.ndarray) -> np.ndarray:
         """Run `token_ids` (S,) after what was fed before; logits (V,) of the last one."""
@@ -209,7 +228,7 @@ class Stepper:
             outputs = binding.get_outputs()
             for past, present, value in zip(self._decoder._past_names, self._decoder._present_names, outputs[1:]):
                 binding.bind_ortvalue_input(past, value)
-                binding.bind_output(present, "cpu")  # a fresh, longer present next run
+                binding.bind_output(present, self._device)  # a fresh, longer present next run
             if not io.logits_to_keep:
                 binding.bind_output(io.logits, "cpu")
                 return outputs[0].numpy()[0, -1]

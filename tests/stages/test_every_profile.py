@@ -1,0 +1,47 @@
+"""The tiny model built with every built-in profile: the profile's required fusions are in the
+manifest's counts, its quantization left its op types in the graph, and the bundle runs (on the
+CPU provider when the profile's own is not on this machine, as the build's quality check does)."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+
+import edgelm_runtime as er
+from edgelm.config import list_profiles
+
+PROFILES = {p.name: p for p in list_profiles()}
+
+
+def _graph(bundle):
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    return model, collections.Counter(node.op_type for node in model.graph.node)
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe, tmp_path):
+    from edgelm import api
+
+    profile = PROFILES[name]
+    report = api.build(api.plan_build(name, tiny_recipe, str(tiny_model_dir), name), tmp_path / name)
+    manifest = report.manifest
+    assert manifest.provider == profile.provider
+    assert all(manifest.fusions.get(op, 0) > 0 for op in profile.fusions.required), manifest.fusions
+    model, ops = _graph(report.output)
+    mode = profile.quantization.mode
+    if mode == "weight-only":
+        bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert ops["MatMulNBits"] > 0 and profile.quantization.bits in bits
+    elif mode == "static-qdq":
+        assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    elif mode == "float16":
+        floats = {init.data_type for init in model.graph.initializer if init.data_type in (onnx.TensorProto.FLOAT,
+                                                                                         onnx.TensorProto.FLOAT16)}
+        assert floats == {onnx.TensorProto.FLOAT16} and manifest.kv.dtype == "float16"
+    else:
+        assert ops["MatMulNBits"] == 0 and ops["QuantizeLinear"] == 0 and manifest.kv.dtype == "float32"
+    assert manifest.quality["measured_on"] in ("CPUExecutionProvider", profile.provider)
+    llm = er.load_bundle(report.output, provider=manifest.quality["measured_on"])
+    assert len(list(llm.generate_tokens(llm.tokenizer.encode("The weather"), max_new_tokens=4))) >= 1
