@@ -57,6 +57,7 @@ def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: 
             "templates": load_templates(templates) if templates else None}
 
 
+_PROVIDER_HELP = "Execution provider instead of the manifest's (e.g. CPUExecutionProvider to try a GPU bundle here)."
 _ADAPTER_HELP = "PEFT LoRA folder, optionally :WEIGHT (repeatable, merged in order; replaces the recipe's list)."
 _FROM_BUNDLE_HELP = "Rebuild from the plan recorded in this bundle's manifest (flags still override)."
 
@@ -193,6 +194,7 @@ def evaluate(
     max_perplexity_ratio: Optional[float] = typer.Option(None, "--max-perplexity-ratio", help="Gate: fail (exit 2) above this ratio."),
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: fail below this agreement."),
     max_kl_divergence: Optional[float] = typer.Option(None, "--max-kl-divergence", help="Gate: fail above this KL."),
+    provider: Optional[str] = typer.Option(None, "--provider", help=_PROVIDER_HELP),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Gate: fail when a task loses more accuracy than this (0.01 = 1 point)."),
 ) -> None:
     """Measure a bundle against a reference: perplexity, top-1 agreement, KL, zero/few-shot accuracy.
@@ -209,7 +211,7 @@ def evaluate(
     shot_counts = [int(k) for k in shots.split(",") if k.strip()]
     with StepProgress(err_console if as_json else console) as progress:
         result = run_eval(bundle, reference, windows, window_len, eval_text, task_names, samples, shot_counts, seed,
-                          progress=progress.update)
+                          progress=progress.update, provider=provider)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -276,11 +278,12 @@ def generate(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    provider: Optional[str] = typer.Option(None, "--provider", help=_PROVIDER_HELP),
 ) -> None:
     """Continue a prompt with the bundle, streaming the text."""
     import edgelm_runtime as er
 
-    llm = er.load_bundle(bundle, threads=threads)
+    llm = er.load_bundle(bundle, threads=threads, provider=provider)
     for piece in llm.generate_stream(prompt, **_sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -299,11 +302,12 @@ def chat(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    provider: Optional[str] = typer.Option(None, "--provider", help=_PROVIDER_HELP),
 ) -> None:
     """Chat with a bundle offline: streaming, multi-turn. /reset, /system TEXT, /exit (or Ctrl-D)."""
     import edgelm_runtime as er
 
-    llm = er.load_bundle(bundle, threads=threads)
+    llm = er.load_bundle(bundle, threads=threads, provider=provider)
     options = _sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     llm.render_chat([*history, {"role": "user", "content": "Hello"}])  # a broken chat template fails here, not mid-chat
@@ -349,6 +353,7 @@ def serve(
     port: int = typer.Option(8000, "--port"),
     queue: int = typer.Option(8, "--queue", help="Requests that may wait while one generates; more get 429."),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    provider: Optional[str] = typer.Option(None, "--provider", help=_PROVIDER_HELP),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELM_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELM_API_KEY)."),
 ) -> None:
@@ -362,7 +367,7 @@ def serve(
                                  hint="pip install 'edgelm-runtime[server]'") from None
     if queue < 0:
         raise er.GenerationError(f"--queue {queue}: must be 0 or more", hint="e.g. --queue 8")
-    llm = er.load_bundle(bundle, threads=threads)
+    llm = er.load_bundle(bundle, threads=threads, provider=provider)
     console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_server(llm, host, port, queue, api_key or None)
 

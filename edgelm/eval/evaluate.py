@@ -81,10 +81,11 @@ def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
 
 def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,
              eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
-             shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress) -> dict[str, Any]:
+             shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress,
+             provider: str | None = None) -> dict[str, Any]:
     import edgelm_runtime
 
-    candidate = edgelm_runtime.load_bundle(bundle)
+    candidate = edgelm_runtime.load_bundle(bundle, provider=provider)
     progress("reference", 0, None, "loading the reference")
     ref_model, ref_name = open_reference(reference, candidate.manifest)
     encode = lambda text: candidate.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731

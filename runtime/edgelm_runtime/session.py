@@ -58,7 +58,8 @@ def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = Non
     if chosen not in available:
         raise BundleError(f"provider {chosen} is not available in this onnxruntime "
                           f"(available: {', '.join(available)})",
-                          hint=f"install an onnxruntime build with {chosen}, "
+                          hint=f"install an onnxruntime build with {chosen}; or run it here on the CPU "
+                               "(load_bundle(..., provider='CPUExecutionProvider'), --provider CPUExecutionProvider); "
                                "or build a bundle with a profile for this machine")
     if manifest.kv.dtype not in _KV_DTYPES:
         raise BundleError(f"{MANIFEST_FILE}: kv.dtype {manifest.kv.dtype!r} is not one of "

@@ -45,3 +45,22 @@ def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe,
     assert manifest.quality["measured_on"] in ("CPUExecutionProvider", profile.provider)
     llm = er.load_bundle(report.output, provider=manifest.quality["measured_on"])
     assert len(list(llm.generate_tokens(llm.tokenizer.encode("The weather"), max_new_tokens=4))) >= 1
+
+
+def test_gpu_bundle_on_a_machine_without_a_gpu(tiny_model_dir, tiny_recipe, tmp_path):
+    """No CUDA here: loading as built is a clear error that says how to run it on the CPU instead;
+    with --provider it runs and its greedy tokens match the fp32 bundle's (fp16 on a tiny model)."""
+    import onnxruntime
+
+    from edgelm import api
+    from tests.test_cli import _assert_clean_error, _run
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA: the fallback path is not taken")
+    gpu = api.build(api.plan_build("gpu-fp16", tiny_recipe, str(tiny_model_dir), "gpu"), tmp_path / "gpu").output
+    fp32 = api.build(api.plan_build("cpu-fp32", tiny_recipe, str(tiny_model_dir), "fp32"), tmp_path / "fp32").output
+    _assert_clean_error(_run("generate", str(gpu), "The weather"), "CUDAExecutionProvider is not available",
+                        "--provider CPUExecutionProvider")
+    on_cpu = _run("generate", str(gpu), "The weather", "-n", "6", "--provider", "CPUExecutionProvider")
+    reference = _run("generate", str(fp32), "The weather", "-n", "6")
+    assert on_cpu.exit_code == 0 and on_cpu.output == reference.output
