@@ -231,6 +231,7 @@ def bench(
     decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per decode run (forced)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines (stable schema)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart of the bundles side by side."),
+    provider: Optional[str] = typer.Option(None, "--provider", help=_PROVIDER_HELP),
 ) -> None:
     """Measure bundles here: load time, TTFT (32/128/512-token prompts), prefill and decode speed, RSS.
 
@@ -250,7 +251,8 @@ def bench(
                   console=err_console if as_json else console, transient=as_json) as bar:
         task = bar.add_task("loading bundles", total=None)
         result = run_bench(bundles, threads, repeats, warmup, decode_tokens,
-                           progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total))
+                           progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total),
+                           provider=provider)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:

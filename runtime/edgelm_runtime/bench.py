@@ -36,7 +36,7 @@ TEXT = ("The lighthouse keeper climbed the spiral stairs at dusk, as he had ever
         "weather into his log: wind from the west, rising; visibility fair; no vessels in distress. ")
 
 
-def _worker(bundle: str, threads: int | None, decode_tokens: int) -> None:
+def _worker(bundle: str, threads: int | None, decode_tokens: int, provider: str | None = None) -> None:
     """Load one bundle, then answer "run" lines with one repetition's timings as JSON."""
     started = time.perf_counter()
     import numpy as np
@@ -44,7 +44,7 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int) -> None:
     import edgelm_runtime as er
     from edgelm_runtime.sampling import Sampler, SamplingParams
 
-    llm = er.load_bundle(bundle, threads=threads)
+    llm = er.load_bundle(bundle, threads=threads, provider=provider)
     load_s = time.perf_counter() - started
     tokenizer, decoder = llm.tokenizer, llm.decoder
     reference = tokenizer.encode(TEXT * 40, add_special_tokens=False)
@@ -119,9 +119,10 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def worker_command(bundle: str | Path, threads: int | None, decode_tokens: int) -> list[str]:
+def worker_command(bundle: str | Path, threads: int | None, decode_tokens: int, provider: str | None = None) -> list[str]:
     command = [sys.executable, "-m", "edgelm_runtime.bench", "--worker", str(bundle), "--decode-tokens", str(decode_tokens)]
-    return command + (["--threads", str(threads)] if threads is not None else [])
+    command += ["--threads", str(threads)] if threads is not None else []
+    return command + (["--provider", provider] if provider else [])
 
 
 class _Worker:
@@ -161,13 +162,15 @@ class _Worker:
 
 
 def bench(bundles: Sequence[str | Path], threads: int | None = None, repeats: int = 5, warmup: int = 1,
-          decode_tokens: int = 128, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Benchmark bundles interleaved; returns the stable JSON schema (see the module docstring)."""
+          decode_tokens: int = 128, progress: Callable[[str, int, int], None] | None = None,
+          provider: str | None = None) -> dict[str, Any]:
+    """Benchmark bundles interleaved; returns the stable JSON schema (see the module docstring).
+    `provider` runs every bundle on that execution provider instead of its manifest's."""
     from edgelm_runtime.bundle import verify_bundle
 
     for bundle in bundles:
         verify_bundle(Path(bundle))  # a bad bundle fails here, before any timing
-    workers = [(str(b), worker_command(b, threads, decode_tokens)) for b in bundles]
+    workers = [(str(b), worker_command(b, threads, decode_tokens, provider)) for b in bundles]
     return bench_workers(workers, threads, repeats, warmup, decode_tokens, progress)
 
 
@@ -243,8 +246,9 @@ def main() -> None:
     parser.add_argument("--worker", required=True)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--provider")
     args = parser.parse_args()
-    _worker(args.worker, args.threads, args.decode_tokens)
+    _worker(args.worker, args.threads, args.decode_tokens, args.provider)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ class Stepper:
                 self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=decoder._kv_dtype))
                                for _ in decoder._past_names]
             else:  # the cache lives on the accelerator: allocated there once, never copied to the host
-                self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder._kv_dtype, self._device, 0)
+                self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder._kv_dtype.type, self._device, 0)
                                for _ in decoder._past_names]
             for past, present, value in zip(decoder._past_names, decoder._present_names, self._cache):
                 self._binding.bind_ortvalue_input(past, value)

@@ -64,3 +64,7 @@ def test_gpu_bundle_on_a_machine_without_a_gpu(tiny_model_dir, tiny_recipe, tmp_
     on_cpu = _run("generate", str(gpu), "The weather", "-n", "6", "--provider", "CPUExecutionProvider")
     reference = _run("generate", str(fp32), "The weather", "-n", "6")
     assert on_cpu.exit_code == 0 and on_cpu.output == reference.output
+    from edgelm_runtime.bench import bench
+
+    result = bench([gpu], threads=1, repeats=1, warmup=0, decode_tokens=4, provider="CPUExecutionProvider")
+    assert result["bundles"][0]["decode_tokens_per_s"] > 0
