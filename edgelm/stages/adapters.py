@@ -12,7 +12,6 @@ another base model. Each is one line naming the adapter and the fix."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from typing import Any
 from edgelm.config.recipe import AdapterSpec
 from edgelm.errors import AdapterError
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.load import _first_line
+from edgelm_runtime.bundle import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def read_adapter(spec: AdapterSpec) -> AdapterFiles:
     if config.get("use_dora") and spec.weight != 1.0:
         raise AdapterError(f"{folder}: a DoRA adapter merges only at weight 1.0 (got {spec.weight})",
                            hint="its magnitude vector rescales whole columns and does not scale with a weight; use :1.0")
-    return AdapterFiles(spec=spec, folder=folder, config=config, shapes=shapes, sha256=file_sha256(weights))
+    return AdapterFiles(spec=spec, folder=folder, config=config, shapes=shapes, sha256=sha256_file(weights))
 
 
 def check_adapter_set(adapters: list[AdapterFiles]) -> None:
@@ -191,14 +192,6 @@ def read_adapters(specs: tuple[AdapterSpec, ...] | list[AdapterSpec]) -> list[Ad
     return adapters
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
@@ -260,8 +253,3 @@ def _logits(model: Any, probe: list[list[int]]) -> list[Any]:
 
     with torch.no_grad():
         return [model(torch.tensor([ids])).logits[0].float() for ids in probe]
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

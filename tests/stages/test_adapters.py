@@ -12,7 +12,8 @@ import pytest
 
 from edgelm.config.recipe import AdapterSpec
 from edgelm.errors import AdapterError
-from edgelm.stages.adapters import file_sha256, merge_adapters, read_adapter, read_adapters
+from edgelm.stages.adapters import merge_adapters, read_adapter, read_adapters
+from edgelm_runtime.bundle import sha256_file as file_sha256
 
 PROBE = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13]]
 
