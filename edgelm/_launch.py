@@ -1,19 +1,17 @@
-"""The `edgelm` command's entry point: a quiet exit for Ctrl-C or SIGTERM while the CLI imports.
+"""The `edgelm` command's entry point: a quiet exit for Ctrl-C or SIGTERM until a command runs.
 
-Importing the CLI (typer, rich, pydantic) takes about half a second; a Ctrl-C in that window
-would print a KeyboardInterrupt traceback from deep inside importlib. Nothing has been written
-yet, so the handler just exits (130 / 143, as the CLI does later)."""
+Importing the CLI (typer, rich, pydantic) and typer building its commands take about half a
+second; a Ctrl-C in that window would print a KeyboardInterrupt traceback from importlib or
+typer. Nothing has been written yet, so the handler just exits (130 / 143, as the CLI does later)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 
 
 def _quit(signum: int, frame: object) -> None:
-    sys.stderr.write("interrupted\n")
-    sys.stderr.flush()
+    os.write(2, b"interrupted\n")  # not sys.stderr: the signal may land while its buffer is locked
     os._exit(128 + signum)
 
 
@@ -22,6 +20,4 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _quit)
     from edgelm import cli
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here the CLI reports interrupts itself
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    cli.main()
+    cli.main()  # each command restores the default handlers as it starts (cli.reports_errors)

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 def reports_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            # the launcher's quiet startup handlers end here: from now on Ctrl-C unwinds (cleanup runs)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             return command(*args, **kwargs)
         except EdgelmRuntimeError as exc:
