@@ -135,7 +135,8 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         graph = {"fused": "fused (packed QKV, GroupQueryAttention, packed gate/up)"}.get(facts.get("graph"), "generic")
         if facts.get("fused_refused"):
             graph += f" ({facts['fused_refused']})"
-        return f"{graph}, {facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
+        role = "fp32 reference: " if facts.get("role") == "reference" else ""
+        return f"{role}{graph}, {facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
     if name == "fuse":
         return ", ".join(f"{op} x{n}" for op, n in facts.get("fused", {}).items()) or facts.get("skipped", "")
     if name == "quantize":
@@ -149,6 +150,11 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
             return (f"{facts['algorithm']} {facts['bits']}-bit block {facts['block_size']}, {facts['quantized_matmuls']} MatMuls"
                     f"{eight}{' + embedding' if facts['quantized_embeddings'] else ''}, "
                     f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
+        if facts.get("ops") == "all":
+            feeds = facts["calibration_feeds"]
+            return (f"QDQ on every op ({facts['activation_dtype']} activations, {facts['weight_dtype']} weights"
+                    f"{' per channel' if facts['per_channel'] else ''}), {feeds['prefill']} prefill + "
+                    f"{feeds['decode']} decode calibration feeds, {facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         note = (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
                 f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
         search = facts.get("mixed_precision")
@@ -178,6 +184,13 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         note = (f"{facts['adapters']} merged, logits vs unmerged max diff {facts['merge_max_abs_diff']:.1e}, "
                 f"shift vs base {facts['logit_shift']:.3g}")
         return note + "".join(f"; [yellow]warning: {w}[/]" for w in facts.get("warnings", []))
+    if name == "static":
+        return (f"prefill {facts['prefill_len']} tokens + decode 1, KV window {facts['kv_window']}, "
+                f"{facts['projections']} projections, parity {facts['parity']['max_abs_diff']:.1e}")
+    if name == "device":
+        graphs = facts["graphs"]
+        return (f"{', '.join(graphs)}: every op in allowed_ops ({facts['allowed_ops']} listed)"
+                f"{', every dimension static' if all(g['static'] for g in graphs.values()) else ''}")
     if name == "package":
         return f"{facts['size_mb']} MB"
     if name == "quality":
@@ -196,7 +209,10 @@ def precision(profile: Any) -> str:
     if q.mode == "float16":
         return "fp16" + (f" (fp32: {', '.join(q.keep_fp32_ops)})" if q.keep_fp32_ops else "")
     if q.mode == "static-qdq":
-        return f"W8A8 static QDQ ({q.weight_dtype} weights, {q.activation_dtype} activations)"
+        bits = f"W{8}A{16 if q.activation_dtype == 'uint16' else 8}"
+        scope = "every op" if q.ops == "all" else "weight MatMuls"
+        static = ", static shapes" if profile.export.static_shapes else ""
+        return f"{bits} static QDQ on {scope} ({q.weight_dtype} weights, {q.activation_dtype} activations){static}"
     compute = "int8 compute" if q.accuracy_level == 4 else "float compute"
     return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}"
 
@@ -224,7 +240,11 @@ def manifest_summary(manifest: Manifest) -> Table:
     table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files")
     table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
                              f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")
-    for name in ("export", "fuse", "quantize", "quality"):
-        if name in stages:
+    if manifest.static is not None:
+        static = manifest.static
+        table.add_row("static shapes", f"prefill {static.prefill_len} tokens per run, decode 1, KV window "
+                                       f"{static.kv_window} (the context limit)")
+    for name in ("export", "static", "fuse", "quantize", "device", "quality"):
+        if name in stages and not (name in ("static", "device") and "skipped" in stages[name]):
             table.add_row(name, _stage_notes(name, stages[name]))
     return table

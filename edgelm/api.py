@@ -22,6 +22,7 @@ from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
 from edgelm.pipeline.workspace import Workspace
+from edgelm.stages.check_device import CheckDevice
 from edgelm.stages.check_quality import CheckQuality
 from edgelm.stages.export import ExportOnnx
 from edgelm.stages.fuse import FuseGraph
@@ -33,11 +34,13 @@ from edgelm.stages.package import Package, finalize_manifest
 from edgelm.stages.quantize import Quantize
 from edgelm.stages.sensitivity import MeasureSensitivity
 from edgelm.stages.smooth import Smooth
+from edgelm.stages.static_export import ExportStatic
 from edgelm_runtime.bundle import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), MergeAdapters(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(), FuseGraph(), Quantize(), Package(), CheckQuality())
+PIPELINE = (LoadModel(), MergeAdapters(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(),
+            ExportStatic(), FuseGraph(), Quantize(), CheckDevice(), Package(), CheckQuality())
 
 
 @dataclass(frozen=True)

@@ -171,3 +171,27 @@ def tiny_gguf_file(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model as an F32 GGUF (llama.cpp's Llama layout, q/k rows permuted), alone in its folder
     so transformers cannot pick up the safetensors folder's config or tokenizer files."""
     return save_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf")
+
+
+def npu_profile(folder: Path, quantized: bool = True, **export) -> Path:
+    """npu-qdq as a profile file, with a small window for tiny models (`export` fields override);
+    quantized=False keeps the static graphs in fp32 (the runtime's reference for them)."""
+    import yaml
+
+    from edgelm.config import load_profile
+
+    data = load_profile("npu-qdq").model_dump(mode="json")
+    data["export"].update({"prefill_len": 16, "kv_window": 128, **export})
+    if not quantized:
+        data["name"], data["quantization"] = "npu-fp32", {"mode": "none"}
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_static_bundles(tiny_model_dir, tiny_recipe, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model as static NPU bundles (window 128, chunks of 16): "fp32" and "qdq" (npu-qdq)."""
+    folder = tmp_path_factory.mktemp("static")
+    return {kind: _build(tiny_model_dir, tiny_recipe, str(npu_profile(folder, quantized=kind == "qdq")),
+                         folder / f"tiny-npu-{kind}").output for kind in ("fp32", "qdq")}

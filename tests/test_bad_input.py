@@ -132,6 +132,36 @@ def _block_size_7(f, tmp):
     return ("build", "--profile", str(tmp / "p.yaml"), "-o", str(tmp / "out")), ["p.yaml: quantization.weight-only.block_size", "7"]
 
 
+def _npu_op_not_allowed(f, tmp):
+    """A device that cannot run Softmax: the build stops at the device check, naming the op."""
+    import yaml
+
+    from tests.conftest import npu_profile
+
+    path = npu_profile(tmp)
+    data = yaml.safe_load(path.read_text())
+    data["allowed_ops"] = [op for op in data["allowed_ops"] if op != "Softmax"]
+    path.write_text(yaml.safe_dump(data))
+    return ("build", "--profile", str(path), "--model", str(f.model), "--recipe", str(f.recipe), "-o", str(tmp / "out")), \
+        ["device: model.onnx has ops the npu-qdq device does not run: Softmax x2", "allowed_ops"]
+
+
+def _npu_unsupported_combination(f, tmp):
+    from tests.conftest import npu_profile
+
+    path = npu_profile(tmp)
+    path.write_text(path.read_text().replace("opset: 23", "opset: 18"))
+    return ("build", "--profile", str(path), "-o", str(tmp / "out")), ["npu-qdq.yaml: export.opset: static graphs need opset 23"]
+
+
+def _npu_window_beyond_context(f, tmp):
+    from tests.conftest import npu_profile
+
+    path = npu_profile(tmp, kv_window=384)  # the tiny recipe's max_seq_len is 256
+    return ("build", "--profile", str(path), "--model", str(f.model), "--recipe", str(f.recipe), "-o", str(tmp / "out")), \
+        ["export.kv_window 384 exceeds max_seq_len 256", "--max-seq-len"]
+
+
 def _calibration_missing(f, tmp):
     return _build(f.model, tmp, f.recipe, "--calibration", str(tmp / "none.txt")), ["none.txt: calibration file not found"]
 

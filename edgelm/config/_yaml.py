@@ -45,5 +45,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     field = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
     got = err.get("input")
     shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-    message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    if not field:  # a check across fields names them in its message ("export.opset: ...")
+        return message
     return f"{field}: {message}{shown}"

@@ -27,6 +27,21 @@ class ExportSettings(Frozen):
     # plain dynamo export. Measured on SmolLM2 (README, "Performance").
     graph: Literal["fused", "generic"] = "fused"
     parity_atol: float = Field(1e-3, gt=0, description="max |logits| difference ONNX fp32 vs PyTorch")
+    # static_shapes (NPUs): two fixed-shape graphs, a prefill chunk of `prefill_len` tokens (the
+    # last chunk of a prompt padded) and a one-token decode step, both over a KV window of
+    # `kv_window` slots, which is then the bundle's context limit. The dynamic fp32 export stays
+    # the quality reference.
+    prefill_len: int = Field(32, ge=2, le=4096)
+    kv_window: int = Field(512, ge=16, le=1 << 20)
+    # Static graphs only. conv1x1: each Linear as a 1x1 Conv, whose weights QNN's HTP quantizes per
+    # output channel (its MatMul weights only per tensor): ratio 1.077 -> 1.019 on SmolLM2.
+    projections: Literal["matmul", "conv1x1"] = "matmul"
+
+    @model_validator(mode="after")
+    def _chunk_fits_window(self) -> "ExportSettings":
+        if self.prefill_len >= self.kv_window:
+            raise ValueError(f"prefill_len {self.prefill_len} must be smaller than kv_window {self.kv_window}")
+        return self
 
 
 class FusionSettings(Frozen):
@@ -53,6 +68,9 @@ class StaticQDQ(Frozen):
     mixed_precision: Literal["off", "auto"] = "off"
     # Weight MatMuls kept in float, by PyTorch module path substring ("down_proj", "layers.0.").
     keep_float: tuple[str, ...] = ()
+    # weight-matmuls: QDQ on the inputs of weight MatMuls only, the rest float (CPUs: measured best);
+    # all: QDQ on every op with onnxruntime's QNN rules (get_qnn_qdq_config), what an NPU runs.
+    ops: Literal["weight-matmuls", "all"] = "weight-matmuls"
 
 
 class WeightOnly(Frozen):
@@ -122,6 +140,35 @@ class DeviceProfile(Frozen):
     quantization: Quantization
     session: SessionSettings = SessionSettings()
     quality: QualityGates = QualityGates()
+    # The ops the device runs (op types; "domain:Op" outside the ONNX domain). Non-empty: the build
+    # fails naming any op of the final graph that is not listed.
+    allowed_ops: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _supported_combination(self) -> "DeviceProfile":
+        """Combinations the pipeline cannot build, refused here with the fields named."""
+        export, quantization = self.export, self.quantization
+        if export.static_shapes:
+            if export.opset < 23:
+                raise ValueError(f"export.opset: static graphs need opset 23 for RMSNormalization (got {export.opset}); "
+                                 "a decomposed norm loses the 16-bit activations (perplexity x2600 on SmolLM2)")
+            if self.fusions.enabled:
+                raise ValueError("fusions.enabled: static graphs are not fused by onnxruntime's optimizer "
+                                 "(its fused ops take dynamic shapes); set fusions.enabled: false")
+            if quantization.mode not in ("none", "static-qdq"):
+                raise ValueError(f"quantization.mode: static graphs take none or static-qdq (got {quantization.mode})")
+            if quantization.mode == "static-qdq" and quantization.ops != "all":
+                raise ValueError("quantization.ops: static graphs are quantized on every op (ops: all)")
+            if quantization.mode == "static-qdq" and quantization.calibration_method != "minmax":
+                raise ValueError("quantization.calibration_method: ops: all calibrates with minmax only "
+                                 "(histograms of every tensor are not streamed yet)")
+        else:
+            if export.projections != "matmul":
+                raise ValueError("export.projections: conv1x1 needs export.static_shapes: true")
+            if quantization.mode == "static-qdq" and quantization.ops == "all":
+                raise ValueError("quantization.ops: all needs export.static_shapes: true (the dynamic graph's "
+                                 "fused attention has no QDQ form)")
+        return self
 
 
 def _builtin_dir() -> Path:

@@ -35,6 +35,7 @@ class BuildState:
     current_onnx: Path | None = None     # the graph the next stage transforms
     reference_bundle: Path | None = None
     graph_io: Any = None                 # edgelm_runtime ModelIO of the exported graph (ExportOnnx)
+    static_graphs: Any = None            # StaticGraphs: fixed-shape prefill + decode graphs (ExportStatic)
     activation_stats: dict[str, float] = field(default_factory=dict)  # module path -> input outlier ratio (Smooth)
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # module path -> input (min, max)
     sensitivity: dict[str, float] = field(default_factory=dict)  # module path -> KL when its group alone is int8

@@ -130,3 +130,53 @@ class CalibrationFeeds:
                 logits, *present = self._session.run(None, feed)
                 past = dict(zip(past_names, present))
                 step = np.asarray([[int(logits[0, -1].argmax())]], np.int64)
+
+
+class StaticCalibrationFeeds:
+    """Calibration feeds for one of the two fixed-shape graphs (`kind` "prefill" or "decode"),
+    recorded while the fp32 graphs run each sample the way the runtime will: its prompt in prefill
+    chunks, then `decode_steps` greedy decode steps. Streamed one sample at a time (a sample's
+    feeds carry the whole KV window, ~24 MB each on SmolLM2)."""
+
+    def __init__(self, graphs: Any, token_ids: list[list[int]], kv: tuple[int, int, int], decode_steps: int,
+                 kind: str, on_feed: Callable[[int], None] = lambda n: None) -> None:
+        from edgelm_runtime.static import open_static_sessions
+
+        self._sessions = open_static_sessions(graphs.prefill, graphs.decode)
+        self._graphs, self._kv, self._decode_steps, self._kind = graphs, kv, decode_steps, kind
+        self._feeds = self._generate(token_ids)
+        self._on_feed = on_feed
+        self.count = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._feeds, None)
+        if feed is not None:
+            self.count += 1
+            self._on_feed(self.count)
+        return feed
+
+    def _generate(self, token_ids: list[list[int]]) -> Iterator[dict[str, np.ndarray]]:
+        from edgelm_runtime.static import StaticWindow
+
+        num_layers, kv_heads, head_dim = self._kv
+        layout = self._graphs.layout
+        for ids in token_ids:
+            recorded: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
+            prefill, decode = (_Recorder(session, recorded[kind]) for session, kind in zip(self._sessions, recorded))
+            window = StaticWindow(prefill, decode, layout, num_layers, kv_heads, head_dim, np.float32)
+            steps = min(self._decode_steps, layout.kv_window - len(ids))
+            logits = window.feed(np.asarray(ids[: layout.kv_window - steps]))
+            for _ in range(steps):
+                logits = window.feed(np.asarray([int(logits.argmax())]))
+            yield from recorded[self._kind]
+
+
+class _Recorder:
+    """An onnxruntime session that keeps a copy of every feed it runs (the window changes in place)."""
+
+    def __init__(self, session: Any, sink: list[dict[str, np.ndarray]]) -> None:
+        self._session, self._sink = session, sink
+
+    def run(self, names: Any, feed: dict[str, np.ndarray]) -> Any:
+        self._sink.append({name: value.copy() for name, value in feed.items()})
+        return self._session.run(names, feed)

@@ -238,4 +238,6 @@ class ExportOnnx:
                  "opset": settings.opset, "size_mb": round(size / 1e6, 1), "parity": parity}
         if refusal:
             facts["fused_refused"] = refusal
+        if settings.static_shapes:
+            facts["role"] = "reference"  # the quality check's fp32 graph; the bundle ships the static graphs
         return facts

@@ -53,10 +53,45 @@ def save_model(onnx_path: Path, dest: Path) -> None:
                     location=MODEL_FILE + ".data", size_threshold=1024)
 
 
+def save_static_graphs(prefill: Path, decode: Path, dest: Path, decode_file: str) -> int:
+    """The prefill graph as model.onnx (+ .data) and the decode graph beside it, whose weights that
+    equal the prefill graph's point into model.onnx.data instead of a copy: both graphs are made
+    from the same weights, quantized alike, so on SmolLM2 every weight is stored once. Returns the
+    number of shared tensors."""
+    from onnx import external_data_helper, numpy_helper
+
+    first = onnx.load(str(prefill), load_external_data=True)
+    raw = {init.name: numpy_helper.to_array(init).tobytes() for init in first.graph.initializer}
+    onnx.save_model(first, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=MODEL_FILE + ".data", size_threshold=1024)
+    stored = {init.name: init for init in first.graph.initializer
+              if external_data_helper.uses_external_data(init)}  # save_model moved these into the .data file
+    second = onnx.load(str(decode), load_external_data=True)
+    shared = 0
+    for init in second.graph.initializer:
+        twin = stored.get(init.name)
+        if twin is not None and twin.data_type == init.data_type and raw[init.name] == numpy_helper.to_array(init).tobytes():
+            init.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                init.ClearField(field)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.extend(twin.external_data)
+            shared += 1
+    onnx.save_model(second, str(dest / decode_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=decode_file + ".data", size_threshold=1024)
+    return shared
+
+
 def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, profile: str, provider: str,
-                    session_options: dict[str, Any], provenance: dict[str, Any]) -> Manifest:
+                    session_options: dict[str, Any], provenance: dict[str, Any], static: Any = None) -> Manifest:
+    """`static`: StaticGraphs (prefill + decode) instead of the one graph at `onnx_path`."""
     dest.mkdir(parents=True, exist_ok=True)
-    save_model(onnx_path, dest)
+    if static is not None:
+        save_static_graphs(static.prefill, static.decode, dest, static.layout.decode_model_file)
+        onnx_path = static.prefill
+    else:
+        save_model(onnx_path, dest)
     state.tokenizer.backend_tokenizer.save(str(dest / TOKENIZER_FILE))
     if state.chat_template:
         (dest / CHAT_TEMPLATE_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +106,10 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         prompt_templates_file=PROMPTS_FILE if prompts else None,
         kv=KVLayout(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=kv_dtype(onnx_path),
                     share_buffer=attention_shares_kv(onnx_path)),
-        io=state.graph_io or ModelIO(), max_seq_len=state.max_seq_len, vocab_size=int(state.model.config.vocab_size),
+        io=ModelIO() if static is not None else (state.graph_io or ModelIO()),
+        static=static.layout if static is not None else None,
+        max_seq_len=static.layout.kv_window if static is not None else state.max_seq_len,
+        vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provenance=provenance, files=describe_files(dest))
     write_manifest(dest, manifest)
@@ -104,7 +142,7 @@ class Package:
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
         profile = state.plan.profile
         assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name, profile.provider,
-                        session_options(state), provenance={})
+                        session_options(state), provenance={}, static=state.static_graphs)
         size = sum(p.stat().st_size for p in state.bundle_dir.rglob("*") if p.is_file())
         return {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir())}
 

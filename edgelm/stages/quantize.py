@@ -20,7 +20,7 @@ import onnx
 from edgelm.config.profile import StaticQDQ, WeightOnly, Float16
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
+from edgelm.stages.calibration import CalibrationFeeds, StaticCalibrationFeeds, calibration_token_ids
 from edgelm.eval.text import eval_windows
 from edgelm.stages.export import kv_shape, session_logits
 from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
@@ -45,6 +45,16 @@ def module_path(node: onnx.NodeProto) -> str:
     return path[path.index("layers."):] if "layers." in path else path
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+
+
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
@@ -67,6 +77,8 @@ class Quantize:
             return self._float16(state, settings)
         if not isinstance(settings, StaticQDQ):
             return {"mode": settings.mode}
+        if settings.ops == "all":
+            return self._every_op(state, settings, progress)
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         source = state.current_onnx
@@ -123,6 +135,47 @@ class Quantize:
                 "calibration_feeds": feeds.count, "calibration_samples": len(token_ids),
                 "calibration_source": state.plan.calibration.source,
                 "size_mb_before": round(before / 1e6, 1), "size_mb_after": round(after / 1e6, 1), **facts}
+
+    def _every_op(self, state: BuildState, settings: StaticQDQ, progress: Progress) -> dict[str, Any]:
+        """QDQ on every op of both static graphs with onnxruntime's QNN rules (get_qnn_qdq_config:
+        16-bit activations, fixed output scales for Sigmoid, per-tensor MatMul weights, per-channel
+        Conv weights), each graph calibrated on the feeds it will get: prefill chunks or decode steps."""
+        import dataclasses
+
+        from onnxruntime.quantization import QuantType, quantize
+        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+        graphs, calibration = state.static_graphs, state.plan.calibration
+        steps = min(calibration.decode_steps, graphs.layout.kv_window // 2)
+        limit = min(calibration.max_prompt_tokens, graphs.layout.kv_window - steps)
+        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples, limit)
+        if not token_ids:
+            raise StageError(self.name, "calibration produced no tokens", hint="check the calibration file's contents")
+        quantized, feeds_seen = {}, {}
+        for kind, source in (("prefill", graphs.prefill), ("decode", graphs.decode)):
+            feeds = StaticCalibrationFeeds(graphs, token_ids, kv_shape(state.model.config), steps, kind,
+                                           on_feed=lambda n, kind=kind: progress(self.name, n, None, f"calibrating {kind}: feed {n}"))
+            config = get_qnn_qdq_config(
+                str(source), feeds, per_channel=settings.per_channel,
+                activation_type=QuantType.QUInt16 if settings.activation_dtype == "uint16" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8 if settings.weight_dtype == "int8" else QuantType.QUInt8)
+            target = state.work_dir / "quantized" / kind / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _quiet_root_logger():  # onnxruntime logs advice ("consider pre-processing") on the root logger
+                quantize(str(source), str(target), config)
+            quantized[kind], feeds_seen[kind] = target, feeds.count
+        state.static_graphs = dataclasses.replace(graphs, prefill=quantized["prefill"], decode=quantized["decode"])
+        state.current_onnx = quantized["prefill"]
+        counts = {kind: sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node
+                            if n.op_type == "DequantizeLinear") for kind, path in quantized.items()}
+        if not all(counts.values()):
+            raise StageError(self.name, "a quantized graph has no DequantizeLinear node", hint="report this with --debug")
+        return {"mode": settings.mode, "ops": settings.ops, "activation_dtype": settings.activation_dtype,
+                "weight_dtype": settings.weight_dtype, "per_channel": settings.per_channel,
+                "dequantize_nodes": counts, "calibration_feeds": feeds_seen, "calibration_samples": len(token_ids),
+                "calibration_source": calibration.source,
+                "size_mb_before": round(folder_size(graphs.prefill) / 1e6, 1),
+                "size_mb_after": round(folder_size(quantized["prefill"]) / 1e6, 1)}
 
     def _float16(self, state: BuildState, settings: Float16) -> dict[str, Any]:
         """onnxruntime's float16 converter; the past/present KV tensors become fp16 too (on a GPU

@@ -9,7 +9,8 @@ What is timed, per repetition:
 - ttft_ms[N]: tokenize a text of N tokens + prefill + pick the first token (end-to-end);
   tokenize_ms[N] is its tokenization part.
 - prefill_tokens_per_s: the longest prompt's model run alone (llama-bench's "pp" compares).
-- decode_tokens_per_s: steady state after a 128-token prompt, generation forced to `decode_tokens`
+- decode_tokens_per_s: steady state after a 128-token prompt (shorter where the context is smaller:
+  `decode_prompt_tokens`), generation forced to `decode_tokens`
   tokens (eos ignored), each step = model run + greedy sampling + streaming detokenization
   (end-to-end, what an app sees). decode_model_tokens_per_s: the model runs alone (llama-bench's
   "tg" and onnxruntime-genai's token generation compare with this one); sampling_us and
@@ -49,6 +50,13 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int, provider: str 
     tokenizer, decoder = llm.tokenizer, llm.decoder
     reference = tokenizer.encode(TEXT * 40, add_special_tokens=False)
     lengths = [n for n in PROMPT_LENGTHS if n + decode_tokens < llm.manifest.max_seq_len]
+    # a small context (an NPU bundle's window) gets a shorter decode prompt, and says so
+    decode_prompt = min(DECODE_PROMPT, llm.manifest.max_seq_len - decode_tokens - 1)
+    if decode_prompt < 1:
+        from edgelm_runtime.errors import GenerationError
+
+        raise GenerationError(f"{decode_tokens} decode tokens do not fit the context of {llm.manifest.max_seq_len}",
+                              hint="pass fewer --decode-tokens")
     texts = {n: tokenizer.decode(reference[: n + 16]) for n in lengths}  # encodes to >= n tokens
     sampler = Sampler(SamplingParams())
 
@@ -65,8 +73,8 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int, provider: str 
             result["ttft_ms"][str(n)] = (time.perf_counter() - start) * 1e3
             result["tokenize_ms"][str(n)] = (tokenized - start) * 1e3
             result["prefill_tokens_per_s"] = n / (prefilled - tokenized)
-        stepper = decoder.stepper(DECODE_PROMPT + decode_tokens + 1)
-        token = sampler.sample(stepper.feed(np.asarray(reference[:DECODE_PROMPT], dtype=np.int64)))
+        stepper = decoder.stepper(decode_prompt + decode_tokens + 1)
+        token = sampler.sample(stepper.feed(np.asarray(reference[:decode_prompt], dtype=np.int64)))
         detokenizer = tokenizer.incremental_decoder()
         step, model_s, sampling_s, detok_s = np.zeros(1, dtype=np.int64), 0.0, 0.0, 0.0
         start = time.perf_counter()
@@ -88,10 +96,12 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int, provider: str 
     manifest = llm.manifest
     kv = manifest.kv
     kv_bytes_per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * (2 if kv.dtype == "float16" else 4)
-    positions = max([n + 1 for n in lengths] + [DECODE_PROMPT + decode_tokens + 1])
+    positions = max([n + 1 for n in lengths] + [decode_prompt + decode_tokens + 1])
+    if manifest.static is not None:  # a fixed window, whatever the sequence's length
+        positions = manifest.static.kv_window
     serve_worker({"name": manifest.name, "path": bundle, "profile": manifest.profile, "load_s": load_s,
                   "size_mb": sum(f.size for f in manifest.files.values()) / 1e6, "prompt_lengths": lengths,
-                  "kv_cache_mb": kv_bytes_per_token * positions / 1e6}, repetition)
+                  "kv_cache_mb": kv_bytes_per_token * positions / 1e6, "decode_prompt_tokens": decode_prompt}, repetition)
 
 
 def serve_worker(hello: dict[str, Any], repetition: Callable[[], dict[str, Any]]) -> None:
@@ -226,7 +236,8 @@ def _row(hello: dict[str, Any], final: dict[str, Any], results: list[dict[str, A
         "prefill_tokens_per_s": detail["prefill_tokens_per_s"]["median"],
         "ttft_ms": {n: detail["ttft_ms"][n]["median"] for n in lengths},
         "peak_rss_mb": final["peak_rss_mb"], "load_s": hello["load_s"], "size_mb": hello["size_mb"],
-        "kv_cache_mb": hello["kv_cache_mb"], "detail": detail,
+        "kv_cache_mb": hello["kv_cache_mb"], "decode_prompt_tokens": hello.get("decode_prompt_tokens", DECODE_PROMPT),
+        "detail": detail,
     }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgelm_runtime.errors import BundleError
 
-FORMAT_VERSION = 2  # 2: top-level `plan` and `adapters` (1 kept the plan in provenance)
+FORMAT_VERSION = 3  # 3: optional `static` (fixed-shape NPU graphs); 2: top-level `plan` and `adapters`
 MANIFEST_FILE = "manifest.json"
 _UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
 
@@ -55,6 +55,24 @@ class KVLayout:
     head_dim: int
     dtype: str = "float32"
     share_buffer: bool = False
+
+
+@dataclass(frozen=True)
+class StaticLayout:
+    """Fixed-shape graphs for NPUs: `model_file` runs prefill chunks of exactly `prefill_len` tokens
+    (the last one padded), `decode_model_file` one token; both attend to `kv_window` cache slots
+    plus the new tokens, so `kv_window` is the context limit (the cache is capped, not slid).
+
+    Inputs: input_ids and position_ids int32 (1, S); `attention_bias` float32 (1, 1, S, window + S),
+    0 where a query may attend and `mask_value` elsewhere (empty slots, padding, the future); past
+    KV (1, kv_heads, window, head_dim). The present outputs hold only the S new rows, which the
+    runtime writes into its window at the sequence's length."""
+
+    decode_model_file: str
+    prefill_len: int
+    kv_window: int
+    attention_bias: str = "attention_bias"
+    mask_value: float = -100.0  # exp(-100) is 0 in fp32, and a small range keeps 16-bit scores fine
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,7 @@ class Manifest:
     adapters: list[dict[str, Any]] = field(default_factory=list)
     # fused ops in the graph after the fuse stage (op type -> count), checked against the profile
     fusions: dict[str, int] = field(default_factory=dict)
+    static: StaticLayout | None = None  # fixed-shape prefill + decode graphs (NPU profiles)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -123,6 +142,8 @@ class Manifest:
             fields["kv"] = _build(KVLayout, fields["kv"], "kv")
             fields["io"] = _build(ModelIO, fields.get("io", {}), "io")
             fields["generation"] = _build(GenerationDefaults, fields.get("generation", {}), "generation")
+            if fields.get("static") is not None:
+                fields["static"] = _build(StaticLayout, fields["static"], "static")
             fields["files"] = {p: _build(FileEntry, e, f"files.{p}") for p, e in fields.get("files", {}).items()}
             fields["eos_token_ids"] = tuple(int(i) for i in fields["eos_token_ids"])
             for name in ("past_key", "past_value", "present_key", "present_value"):
@@ -165,6 +186,7 @@ def _build(kind: type, values: Any, where: str) -> Any:
 
 # integer fields that size arrays: out of range, they fail later inside numpy or onnxruntime
 _SIZES = {"KVLayout": {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096},
+          "StaticLayout": {"prefill_len": 1 << 16, "kv_window": 1 << 22},
           "Manifest": {"max_seq_len": 1 << 22, "vocab_size": 1 << 22}}
 
 
@@ -255,8 +277,9 @@ def verify_bundle(folder: str | Path, manifest: Manifest | None = None, check_ha
     """Check every listed file exists inside the folder with its recorded size (and sha256)."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
+    static_file = manifest.static.decode_model_file if manifest.static else None
     for what, rel in (("model_file", manifest.model_file), ("tokenizer_file", manifest.tokenizer_file),
-                      ("chat_template_file", manifest.chat_template_file)):
+                      ("chat_template_file", manifest.chat_template_file), ("static.decode_model_file", static_file)):
         if rel is not None and rel not in manifest.files:
             raise BundleError(f"{folder / MANIFEST_FILE}: {what} {rel!r} is not listed in files",
                               hint="rebuild the bundle")

@@ -21,6 +21,7 @@ from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTempl
 from edgelm_runtime.sampling import Sampler, SamplingParams
 from edgelm_runtime.scoring import continuation_logprobs
 from edgelm_runtime.session import DecoderSession, open_decoder
+from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
 from edgelm_runtime.tokenizer import BundleTokenizer
 
@@ -48,7 +49,10 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     prompts = {}
     if manifest.prompt_templates_file is not None:
         prompts = read_prompts(resolve_inside(folder, manifest.prompt_templates_file, "prompt_templates_file"))
-    decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads, provider)
+    decode_path = None if manifest.static is None else \
+        resolve_inside(folder, manifest.static.decode_model_file, "static.decode_model_file")
+    decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads, provider,
+                           decode_path)
     llm = LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
     try:
         llm.sampling_params()  # the manifest's generation defaults must be valid sampling settings
@@ -80,7 +84,7 @@ class LanguageModel:
         return self._manifest
 
     @property
-    def decoder(self) -> DecoderSession:
+    def decoder(self) -> DecoderSession | StaticDecoderSession:
         """The onnxruntime session: `run` for whole batches, `stepper` for one fast sequence."""
         return self._decoder
 

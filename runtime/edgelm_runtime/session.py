@@ -49,7 +49,7 @@ def session_options(manifest: Manifest, threads: int | None = None) -> ort.Sessi
 
 
 def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = None,
-                 provider: str | None = None) -> DecoderSession:
+                 provider: str | None = None, decode_path: Path | None = None) -> Any:
     """An InferenceSession on the manifest's provider (or `provider`, e.g. CPUExecutionProvider to
     check a GPU bundle on a machine without one), checked against the manifest's I/O names. Ops
     the provider lacks fall back to the CPU, as onnxruntime does when both are listed."""
@@ -65,14 +65,25 @@ def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = Non
         raise BundleError(f"{MANIFEST_FILE}: kv.dtype {manifest.kv.dtype!r} is not one of "
                           f"{', '.join(_KV_DTYPES)}", hint="rebuild the bundle")
     options = session_options(manifest, threads)
+    providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+    session = _session(model_path, options, providers)
+    if manifest.static is not None:  # fixed-shape NPU graphs: a prefill graph and a decode graph
+        from edgelm_runtime.static import StaticDecoderSession
+
+        if decode_path is None:
+            raise BundleError(f"{MANIFEST_FILE}: static bundles need the decode graph's path",
+                              hint="open the bundle with load_bundle()")
+        return StaticDecoderSession(session, _session(decode_path, options, providers), manifest)
+    return DecoderSession(session, manifest)
+
+
+def _session(model_path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     try:
-        providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
         raise BundleError(f"{model_path}: onnxruntime could not load the model ({exc})",
                           hint="the file is corrupt or needs a newer onnxruntime; "
                                "check it with verify=True, or rebuild the bundle") from None
-    return DecoderSession(session, manifest)
 
 
 class DecoderSession:

@@ -25,7 +25,9 @@ def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe,
     from edgelm import api
 
     profile = PROFILES[name]
-    report = api.build(api.plan_build(name, tiny_recipe, str(tiny_model_dir), name), tmp_path / name)
+    # a static profile's KV window (512 for npu-qdq) must fit the context; the tiny recipe sets 256
+    overrides = {"max_seq_len": profile.export.kv_window} if profile.export.static_shapes else None
+    report = api.build(api.plan_build(name, tiny_recipe, str(tiny_model_dir), name, overrides), tmp_path / name)
     manifest = report.manifest
     assert manifest.provider == profile.provider
     assert all(manifest.fusions.get(op, 0) > 0 for op in profile.fusions.required), manifest.fusions
@@ -42,9 +44,32 @@ def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe,
         assert floats == {onnx.TensorProto.FLOAT16} and manifest.kv.dtype == "float16"
     else:
         assert ops["MatMulNBits"] == 0 and ops["QuantizeLinear"] == 0 and manifest.kv.dtype == "float32"
+    if profile.export.static_shapes:
+        _assert_static(report.output, manifest, profile)
     assert manifest.quality["measured_on"] in ("CPUExecutionProvider", profile.provider)
     llm = er.load_bundle(report.output, provider=manifest.quality["measured_on"])
     assert len(list(llm.generate_tokens(llm.tokenizer.encode("The weather"), max_new_tokens=4))) >= 1
+
+
+def _assert_static(bundle, manifest, profile):
+    """Both graphs: every dimension fixed (inputs, outputs and every inferred intermediate), every op
+    in the profile's list, QDQ on every op (no float MatMul or Conv left), and the weights stored once."""
+    from edgelm.stages.check_device import dynamic_tensors, op_counts
+
+    assert manifest.static.prefill_len == profile.export.prefill_len
+    assert manifest.max_seq_len == manifest.static.kv_window == profile.export.kv_window
+    for file in (manifest.model_file, manifest.static.decode_model_file):
+        graph = onnx.load(str(bundle / file), load_external_data=True)
+        assert dynamic_tensors(graph) == []
+        assert set(op_counts(graph)) <= set(profile.allowed_ops)
+        produced_by = {out: node.op_type for node in graph.graph.node for out in node.output}
+        for node in graph.graph.node:
+            if node.op_type in ("Conv", "MatMul", "Softmax", "RMSNormalization"):
+                assert all(produced_by.get(i) == "DequantizeLinear" for i in node.input if i), node.name
+        seq = manifest.static.prefill_len if file == manifest.model_file else 1
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.graph.input}
+        assert shapes["input_ids"] == [1, seq] and shapes["attention_bias"] == [1, 1, seq, manifest.static.kv_window + seq]
+    assert not (bundle / "decode.onnx.data").exists()  # every decode weight points into model.onnx.data
 
 
 def test_gpu_bundle_on_a_machine_without_a_gpu(tiny_model_dir, tiny_recipe, tmp_path):

@@ -179,3 +179,53 @@ def test_out_of_range_profile_values_name_the_field(tmp_path, profile, edit, fie
     with pytest.raises(ConfigError) as err:
         load_profile(path)
     assert str(path) in err.value.message and field in err.value.message
+
+
+def test_npu_profile_is_static_and_lists_its_ops():
+    npu = load_profile("npu-qdq")
+    assert npu.export.static_shapes and npu.export.opset == 23 and npu.export.projections == "conv1x1"
+    assert npu.export.prefill_len < npu.export.kv_window and not npu.fusions.enabled
+    q = npu.quantization
+    assert isinstance(q, StaticQDQ) and q.ops == "all" and q.activation_dtype == "uint16" and q.weight_dtype == "int8"
+    assert {"Conv", "MatMul", "Softmax", "RMSNormalization", "QuantizeLinear", "DequantizeLinear"} <= set(npu.allowed_ops)
+    assert "GroupQueryAttention" not in npu.allowed_ops
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"export": {"opset": 18}}, "export.opset: static graphs need opset 23"),
+    ({"fusions": {"enabled": True}}, "fusions.enabled: static graphs are not fused"),
+    ({"quantization": {"ops": "weight-matmuls"}}, "quantization.ops: static graphs are quantized on every op"),
+    ({"quantization": {"calibration_method": "entropy"}}, "quantization.calibration_method: ops: all calibrates with minmax"),
+    ({"quantization": {"mode": "weight-only"}}, "quantization.mode: static graphs take none or static-qdq"),
+    ({"export": {"static_shapes": False, "opset": 18}}, "export.projections: conv1x1 needs export.static_shapes: true"),
+    ({"export": {"prefill_len": 512}}, "prefill_len 512 must be smaller than kv_window 512"),
+    ({"alowed_ops": []}, "alowed_ops: unknown field"),
+])
+def test_unsupported_npu_combinations_name_file_and_field(tmp_path, edit, message):
+    import yaml
+
+    data = load_profile("npu-qdq").model_dump(mode="json")
+    for section, value in edit.items():
+        if isinstance(value, dict):
+            if section == "quantization" and value.get("mode") == "weight-only":
+                data[section] = {"mode": "weight-only"}
+            else:
+                data[section] = {**data[section], **value}
+        else:
+            data[section] = value
+    path = tmp_path / "npu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(path) in err.value.message and message in err.value.message, err.value.message
+
+
+def test_every_op_quantization_needs_static_shapes(tmp_path):
+    import yaml
+
+    data = load_profile("cpu-w8a8").model_dump(mode="json")
+    data["quantization"]["ops"] = "all"
+    path = tmp_path / "w8a8-all.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"w8a8-all.yaml: quantization.ops: all needs export.static_shapes: true"):
+        load_profile(path)

@@ -33,7 +33,7 @@ def test_recipe_and_templates_file_add_to_the_defaults_by_name(tmp_path):
 
 
 @pytest.mark.parametrize(("yaml_text", "message"), [
-    ("templates:\n  x:\n    kind: classify\n    query: 'no text here'\n", r"templates\.x: Value error, .*needs a \{text\} placeholder"),
+    ("templates:\n  x:\n    kind: classify\n    query: 'no text here'\n", r"templates\.x: .*needs a \{text\} placeholder"),
     ("templates:\n  x:\n    kind: generate\n    template: '{a.b}'\n", "not a plain name"),
     ("templates:\n  x:\n    kind: chat\n", r"templates\.x\.kind"),
     ("templates:\n  x:\n    kind: generate\n    template: hi\n    colour: red\n", r"templates\.x\.colour: unknown field"),

@@ -1,0 +1,228 @@
+"""Export the decoder as fixed-shape graphs for NPUs: a prefill chunk and a one-token decode step,
+both over a fixed KV window, and prove they compute what PyTorch does.
+
+Why hand-written: NPU compilers (QNN's HTP) take only static shapes and plain ops. Fixing the
+dimensions of a dynamic export afterwards (onnxruntime's make_dynamic_shape_fixed) leaves a cache
+that grows by Concat every step and shape arithmetic the HTP cannot run, and no exporter plans
+a chunked prefill over a capped window. So the decoder is re-expressed with the model's own
+modules: attention as plain MatMul + Softmax with an additive bias the runtime builds (it masks
+empty window slots, padding and the future), GQA by grouping the query heads of each KV head (no
+repeated KV), rotary from cos/sin tables gathered at the given positions, and only the new KV rows
+as outputs, which the runtime writes into its window. Every tensor is rank 4 or less."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import StageError, write_error
+from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.export import PARITY_TEXT, io_names, kv_shape
+from edgelm_runtime.bundle import ModelIO, StaticLayout
+
+logger = logging.getLogger(__name__)
+IO = ModelIO()
+PREFILL_FILE, DECODE_FILE = "model.onnx", "decode.onnx"
+
+
+@dataclass(frozen=True)
+class StaticGraphs:
+    prefill: Path
+    decode: Path
+    layout: StaticLayout
+
+
+def static_export_refusal(model: Any) -> str | None:
+    """Why this model cannot be expressed as static graphs (None: it can)."""
+    from edgelm.stages.fused_export import fused_export_refusal
+
+    return fused_export_refusal(model)
+
+
+def static_decoder(model: Any, seq: int, window: int, positions: int, projections: str = "matmul") -> Any:
+    """(input_ids, position_ids, attention_bias, *past) -> (logits, *new KV rows), shapes fixed:
+    ids and positions (1, seq) int32, bias (1, 1, seq, window + seq), past (1, kv_heads, window,
+    head_dim), logits (1, seq, vocab), new rows (1, kv_heads, seq, head_dim).
+
+    projections "conv1x1": every Linear (and the LM head) as a 1x1 Conv over (1, features, 1, seq),
+    because QNN's HTP quantizes Conv weights per output channel but MatMul weights only per
+    tensor (measured on SmolLM2, 16-bit activations: ratio 1.077 per tensor, 1.036 per channel)."""
+    import torch
+
+    config, inner = model.config, model.model
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    groups, span = heads // kv_heads, window + seq
+
+    def norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+        # one RMSNormalization op (opset 23): decomposed into Pow/ReduceMean/Sqrt, each with its own
+        # 16-bit scale, the squares of the residual stream's outliers wiped out every other channel
+        # (perplexity ratio 2600 on SmolLM2, measured); fused, the NPU computes it at full precision
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = head_dim // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = inner.embed_tokens
+            self.layers = inner.layers
+            self.norm = inner.norm
+            # The weights as the constants the projections take: (out, in, 1, 1) kernels for 1x1
+            # Convs (views, no copy), and the LM head its own constant: reached through the tied
+            # embedding's Transpose, or an in-graph Unsqueeze, QDQ would quantize them as activations.
+            self.kernel_names: dict[int, str] = {}
+            linears = [m for layer in inner.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            for index, module in enumerate([*linears, model.lm_head]):
+                weight = module.weight.detach()
+                self.register_buffer(f"kernel_{index}", weight[:, :, None, None] if projections == "conv1x1" else
+                                     (weight.clone() if module is model.lm_head else weight), persistent=False)
+                self.kernel_names[id(module)] = f"kernel_{index}"
+            with torch.no_grad():
+                cos, sin = inner.rotary_emb(self.embed_tokens.weight[:1], torch.arange(positions)[None])
+            self.register_buffer("cos", cos[0].float().contiguous())
+            self.register_buffer("sin", sin[0].float().contiguous())
+
+        def linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+            """x (1, seq, in) through `module` (a Linear)."""
+            kernel = getattr(self, self.kernel_names[id(module)])
+            if projections == "conv1x1":
+                # (1, in, 1, seq) is NHWC's (1, 1, seq, in) seen as NCHW: on an NHWC NPU the
+                # transposes around the Conv cancel with the layout transform's own
+                y = torch.nn.functional.conv2d(x.transpose(1, 2).unsqueeze(2), kernel, module.bias)
+                return y.squeeze(2).transpose(1, 2)
+            return torch.nn.functional.linear(x, kernel, module.bias)
+
+        def mlp(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+            linear = self.linear
+            return linear(module.down_proj, module.act_fn(linear(module.gate_proj, x)) * linear(module.up_proj, x))
+
+        def forward(self, input_ids, position_ids, attention_bias, *past):
+            linear = self.linear
+            hidden = self.embed_tokens(input_ids)
+            # (1, 1, seq, head_dim), as Gather (fancy indexing exports GatherND, which takes no int32)
+            cos = torch.nn.functional.embedding(position_ids, self.cos)[:, None]
+            sin = torch.nn.functional.embedding(position_ids, self.sin)[:, None]
+            present = []
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                x = norm(layer.input_layernorm, hidden)
+                q = linear(attn.q_proj, x).view(1, seq, heads, head_dim).transpose(1, 2)
+                k = linear(attn.k_proj, x).view(1, seq, kv_heads, head_dim).transpose(1, 2)
+                v = linear(attn.v_proj, x).view(1, seq, kv_heads, head_dim).transpose(1, 2)
+                q, k = rotate(q, cos, sin) * attn.scaling, rotate(k, cos, sin)
+                keys, values = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
+                # query heads h = kv * groups + g share KV head kv: fold the groups into the rows
+                scores = q.reshape(1, kv_heads, groups * seq, head_dim) @ keys.transpose(2, 3)
+                scores = scores.reshape(1, heads, seq, span) + attention_bias
+                probs = torch.softmax(scores, dim=-1).reshape(1, kv_heads, groups * seq, span)
+                out = (probs @ values).reshape(1, heads, seq, head_dim).transpose(1, 2).reshape(1, seq, heads * head_dim)
+                hidden = hidden + linear(attn.o_proj, out)
+                hidden = hidden + self.mlp(layer.mlp, norm(layer.post_attention_layernorm, hidden))
+                present += [k, v]
+            return (linear(model.lm_head, norm(self.norm, hidden)), *present)
+
+    return Decoder().eval()
+
+
+def graph_names(num_layers: int, layout: StaticLayout) -> tuple[list[str], list[str]]:
+    _, past, outputs, present = io_names(num_layers)
+    return [IO.input_ids, IO.position_ids, layout.attention_bias, *past], outputs + present
+
+
+def export_static_graph(model: Any, path: Path, opset: int, seq: int, layout: StaticLayout,
+                        projections: str = "matmul") -> None:
+    import torch
+
+    num_layers, kv_heads, head_dim = kv_shape(model.config)
+    module = static_decoder(model, seq, layout.kv_window, layout.kv_window + layout.prefill_len, projections)
+    sample = (torch.zeros(1, seq, dtype=torch.int32), torch.arange(seq, dtype=torch.int32)[None],
+              torch.zeros(1, 1, seq, layout.kv_window + seq),
+              *[torch.zeros(1, kv_heads, layout.kv_window, head_dim) for _ in range(2 * num_layers)])
+    inputs, outputs = graph_names(num_layers, layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chatter = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        torch.onnx.export(module, sample, str(path), dynamo=True, input_names=inputs, output_names=outputs,
+                          opset_version=opset, external_data=True, verbose=False)
+    logger.debug("torch.onnx.export output:\n%s", chatter.getvalue())
+
+
+def check_static_parity(model: Any, tokenizer: Any, graphs: StaticGraphs, atol: float, stage: str) -> dict[str, float]:
+    """The static graphs driven by the runtime's StaticDecoderSession (chunked prefill longer than
+    one chunk, then decode steps) against PyTorch on the same tokens."""
+    import torch
+
+    from edgelm_runtime.static import StaticWindow, open_static_sessions
+
+    layout = graphs.layout
+    ids = tokenizer(PARITY_TEXT)["input_ids"]
+    ids = (ids * (1 + (layout.prefill_len + 4) // max(len(ids), 1)))[: layout.prefill_len + 4]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    num_layers, kv_heads, head_dim = kv_shape(model.config)
+    prefill, decode = open_static_sessions(graphs.prefill, graphs.decode)
+    window = StaticWindow(prefill, decode, layout, num_layers, kv_heads, head_dim, np.float32)
+    split = layout.prefill_len + 1  # a full chunk, then a padded one of one token; the rest one by one
+    got = [window.feed(np.asarray(ids[:layout.prefill_len]), all_logits=True),
+           window.feed(np.asarray(ids[layout.prefill_len:split]), all_logits=True)]
+    got += [window.feed(np.asarray([token]), all_logits=True) for token in ids[split:]]
+    logits = np.concatenate(got)
+    worst = float(np.abs(logits - expected).max())
+    if not np.isfinite(worst) or worst > atol:
+        raise StageError(stage, f"static graphs differ from PyTorch by {worst:.3g} (limit {atol:g})",
+                         hint="the static export is wrong for this model; report it with --debug output")
+    return {"max_abs_diff": worst, "probe_tokens": len(ids), "atol": atol}
+
+
+class ExportStatic:
+    name = "static"
+    title = "Export fixed-shape prefill and decode graphs (NPU)"
+
+    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        settings = state.plan.profile.export
+        if not settings.static_shapes:
+            return {"skipped": "dynamic shapes"}
+        refusal = static_export_refusal(state.model)
+        if refusal:
+            raise StageError(self.name, f"this model cannot be exported with static shapes: {refusal}",
+                             hint="use a dynamic-shape profile (cpu-int8, gpu-fp16) for this model")
+        if settings.kv_window > state.max_seq_len:
+            raise StageError(self.name, f"export.kv_window {settings.kv_window} exceeds max_seq_len {state.max_seq_len}",
+                             hint=f"set export.kv_window to at most {state.max_seq_len}, or raise --max-seq-len")
+        layout = StaticLayout(decode_model_file=DECODE_FILE, prefill_len=settings.prefill_len,
+                              kv_window=settings.kv_window)
+        folder = state.work_dir / "static"
+        graphs = StaticGraphs(folder / "prefill" / PREFILL_FILE, folder / "decode" / DECODE_FILE, layout)
+        try:
+            for seq, path in ((layout.prefill_len, graphs.prefill), (1, graphs.decode)):
+                progress(self.name, 0, None, f"exporting the {seq}-token graph")
+                export_static_graph(state.model, path, settings.opset, seq, layout, settings.projections)
+        except Exception as exc:
+            disk = write_error(exc, self.name)
+            if disk:
+                raise disk from exc
+            raise StageError(self.name, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
+                             hint="rerun with --debug for the exporter's full report") from exc
+        progress(self.name, 0, None, "checking parity with PyTorch")
+        parity = check_static_parity(state.model, state.tokenizer, graphs, settings.parity_atol, self.name)
+        state.static_graphs = graphs
+        state.current_onnx = graphs.prefill
+        return {"prefill_len": layout.prefill_len, "kv_window": layout.kv_window, "projections": settings.projections,
+                "parity": parity,
+                "ops": sorted(_op_types(graphs.prefill) | _op_types(graphs.decode))}
+
+
+def _op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
