@@ -75,7 +75,22 @@ def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None
     return [ids[:max_tokens] for ids in encoded if ids]
 
 
-class CalibrationFeeds:
+class _FeedStream:
+    """onnxruntime's CalibrationDataReader over `self._feeds` (an iterator): get_next() -> feed or None."""
+
+    _stop: float = float("inf")
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.count >= self._stop:
+            return None
+        feed = next(self._feeds, None)
+        if feed is not None:
+            self.count += 1
+            self._on_feed(self.count)
+        return feed
+
+
+class CalibrationFeeds(_FeedStream):
     """onnxruntime CalibrationDataReader: get_next() -> feed dict, or None when done.
 
     `len()` and `set_range()` let quantize_static collect in chunks (its CalibStridedMinMax
@@ -106,14 +121,6 @@ class CalibrationFeeds:
             raise ValueError(f"calibration chunks must come in order (next feed {self.count}, asked {start_index})")
         self._stop = end_index
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.count >= self._stop:
-            return None
-        feed = next(self._feeds, None)
-        if feed is not None:
-            self.count += 1
-            self._on_feed(self.count)
-        return feed
 
     def _generate(self, token_ids: list[list[int]]) -> Iterator[dict[str, np.ndarray]]:
         num_layers, kv_heads, head_dim = self._kv
@@ -132,7 +139,7 @@ class CalibrationFeeds:
                 step = np.asarray([[int(logits[0, -1].argmax())]], np.int64)
 
 
-class StaticCalibrationFeeds:
+class StaticCalibrationFeeds(_FeedStream):
     """Calibration feeds for one of the two fixed-shape graphs (`kind` "prefill" or "decode"),
     recorded while the fp32 graphs run each sample the way the runtime will: its prompt in prefill
     chunks, then `decode_steps` greedy decode steps. Streamed one sample at a time (a sample's
@@ -147,13 +154,6 @@ class StaticCalibrationFeeds:
         self._feeds = self._generate(token_ids)
         self._on_feed = on_feed
         self.count = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        feed = next(self._feeds, None)
-        if feed is not None:
-            self.count += 1
-            self._on_feed(self.count)
-        return feed
 
     def _generate(self, token_ids: list[list[int]]) -> Iterator[dict[str, np.ndarray]]:
         from edgelm_runtime.static import StaticWindow

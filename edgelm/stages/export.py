@@ -146,6 +146,13 @@ def add_logits_to_keep(path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
+def export_failure(exc: Exception, stage: str) -> Exception:
+    """The one-line error for an exporter failure (a full disk is said as such)."""
+    return write_error(exc, stage) or StageError(
+        stage, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
+        hint="rerun with --debug for the exporter's full report")
+
+
 def torch_reference(model: Any, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """PyTorch logits of a prefill over all but the last token, then of that token decoded on the cache."""
     import torch
@@ -224,11 +231,7 @@ class ExportOnnx:
         except StageError:
             raise
         except Exception as exc:
-            disk = write_error(exc, self.name)
-            if disk:
-                raise disk from exc
-            raise StageError(self.name, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
-                             hint="rerun with --debug for the exporter's full report") from exc
+            raise export_failure(exc, self.name) from exc
         progress(self.name, 0, None, "checking parity with PyTorch")
         parity = check_parity(state.model, state.tokenizer, path, settings.parity_atol, self.name)
         state.reference_onnx = state.current_onnx = path

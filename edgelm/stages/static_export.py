@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.errors import StageError, write_error
+from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.export import PARITY_TEXT, io_names, kv_shape
+from edgelm.stages.export import PARITY_TEXT, export_failure, io_names, kv_shape
 from edgelm_runtime.bundle import ModelIO, StaticLayout
 
 logger = logging.getLogger(__name__)
@@ -208,11 +208,7 @@ class ExportStatic:
                 progress(self.name, 0, None, f"exporting the {seq}-token graph")
                 export_static_graph(state.model, path, settings.opset, seq, layout, settings.projections)
         except Exception as exc:
-            disk = write_error(exc, self.name)
-            if disk:
-                raise disk from exc
-            raise StageError(self.name, f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}",
-                             hint="rerun with --debug for the exporter's full report") from exc
+            raise export_failure(exc, self.name) from exc
         progress(self.name, 0, None, "checking parity with PyTorch")
         parity = check_static_parity(state.model, state.tokenizer, graphs, settings.parity_atol, self.name)
         state.static_graphs = graphs
