@@ -184,6 +184,24 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         note = (f"{facts['adapters']} merged, logits vs unmerged max diff {facts['merge_max_abs_diff']:.1e}, "
                 f"shift vs base {facts['logit_shift']:.3g}")
         return note + "".join(f"; [yellow]warning: {w}[/]" for w in facts.get("warnings", []))
+    if name == "prune":
+        what = []
+        if facts.get("mlp_channels"):
+            sizes = sorted(set(facts["mlp_channels"]))
+            what.append(f"MLP channels {sizes[0]}" + (f"-{sizes[-1]}" if len(sizes) > 1 else "") + " per layer")
+        if "kv_heads" in facts:
+            what.append(f"{facts['kv_heads']} KV heads")
+        if facts.get("dropped_layers"):
+            what.append(f"layers {', '.join(map(str, facts['dropped_layers']))} dropped")
+        if "zeroed_fraction" in facts:
+            what.append(f"{facts['zeroed_fraction']:.0%} of layer weights zero")
+        note = (f"{facts['kind']} ({facts['importance']}): {facts['params_before'] / 1e6:.4g}M -> "
+                f"{facts['params_after'] / 1e6:.4g}M params, {'; '.join(what) or 'nothing removed'}; "
+                f"ppl {facts['perplexity_before']:.2f} -> {facts['perplexity_pruned']:.2f}")
+        if "recovery" in facts:
+            r = facts["recovery"]
+            note += f" -> {r['perplexity_after']:.2f} after {r['steps']} {r['method']} distillation steps ({r['seconds']:.0f} s)"
+        return note
     if name == "static":
         return (f"prefill {facts['prefill_len']} tokens + decode 1, KV window {facts['kv_window']}, "
                 f"{facts['projections']} projections, parity {facts['parity']['max_abs_diff']:.1e}")
@@ -244,7 +262,7 @@ def manifest_summary(manifest: Manifest) -> Table:
         static = manifest.static
         table.add_row("static shapes", f"prefill {static.prefill_len} tokens per run, decode 1, KV window "
                                        f"{static.kv_window} (the context limit)")
-    for name in ("export", "static", "fuse", "quantize", "device", "quality"):
-        if name in stages and not (name in ("static", "device") and "skipped" in stages[name]):
+    for name in ("prune", "export", "static", "fuse", "quantize", "device", "quality"):
+        if name in stages and not (name in ("prune", "static", "device") and "skipped" in stages[name]):
             table.add_row(name, _stage_notes(name, stages[name]))
     return table

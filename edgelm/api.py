@@ -29,8 +29,9 @@ from edgelm.stages.fuse import FuseGraph
 from edgelm.stages.adapters import MergeAdapters, read_adapters
 from edgelm.stages.awq import ActivationAwareScales
 from edgelm.stages.calibration import read_calibration_file
-from edgelm.stages.load import LoadModel, locate_model, source_fingerprint
+from edgelm.stages.load import LoadModel, locate_model, model_config, source_fingerprint
 from edgelm.stages.package import Package, finalize_manifest
+from edgelm.stages.prune import Prune, check_prune_fits
 from edgelm.stages.quantize import Quantize
 from edgelm.stages.sensitivity import MeasureSensitivity
 from edgelm.stages.smooth import Smooth
@@ -39,7 +40,7 @@ from edgelm_runtime.bundle import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), MergeAdapters(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(),
+PIPELINE = (LoadModel(), MergeAdapters(), Prune(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(),
             ExportStatic(), FuseGraph(), Quantize(), CheckDevice(), Package(), CheckQuality())
 
 
@@ -123,10 +124,9 @@ def _absolute(path: str | None) -> str | None:
 
 def preflight(plan: BuildPlan) -> None:
     """Check the user's inputs before any heavy work, so a typo fails in a second, not a minute."""
-    if plan.prune is not None:
-        raise ConfigError("prune: pruning is not available in this version of edgelm",
-                          hint="remove the prune: section from the recipe (the field is validated so recipes can be written now)")
     locate_model(plan.model)
+    if plan.prune is not None:
+        check_prune_fits(plan.prune, model_config(plan.model))
     read_adapters(plan.adapters)
     if plan.calibration.source != "builtin":
         read_calibration_file(Path(plan.calibration.source))

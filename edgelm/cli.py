@@ -55,16 +55,17 @@ def reports_errors(command: Callable) -> Callable:
 
 
 def _overrides(calibration: Optional[str], samples: Optional[int], max_seq_len: Optional[int],
-               templates: Optional[Path] = None) -> dict[str, Any]:
+               templates: Optional[Path] = None, prune_mlp: Optional[float] = None) -> dict[str, Any]:
     from edgelm.config.templates import load_templates
 
     return {"calibration.source": calibration, "calibration.samples": samples, "max_seq_len": max_seq_len,
-            "templates": load_templates(templates) if templates else None}
+            "templates": load_templates(templates) if templates else None, "prune.mlp_fraction": prune_mlp}
 
 
 _PROVIDER_HELP = "Execution provider instead of the manifest's (e.g. CPUExecutionProvider to try a GPU bundle here)."
 _ADAPTER_HELP = "PEFT LoRA folder, optionally :WEIGHT (repeatable, merged in order; replaces the recipe's list)."
 _FROM_BUNDLE_HELP = "Rebuild from the plan recorded in this bundle's manifest (flags still override)."
+_PRUNE_HELP = "Remove this fraction of every MLP's channels (structured pruning; the recipe's prune: for more)."
 
 
 @app.command()
@@ -82,15 +83,17 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
     accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max perplexity ratio vs fp32; keeps the fewest MatMuls in fp32 that meet it."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates .yaml (added to the defaults by name)."),
+    prune_mlp: Optional[float] = typer.Option(None, "--prune-mlp", help=_PRUNE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
 ) -> None:
-    """Build a bundle: load -> merge adapters -> export -> fuse -> quantize -> package -> quality check."""
+    """Build a bundle: load -> merge adapters -> prune -> export -> fuse -> quantize -> package -> quality check."""
     from edgelm import api
     from edgelm._render import BuildProgress, build_summary, quiet_libraries
 
     quiet_libraries()
     plan = api.plan_build(profile, recipe, model, name or (None if from_bundle else output.name),
-                          _overrides(calibration, samples, max_seq_len, templates), accuracy_budget, adapter, from_bundle)
+                          _overrides(calibration, samples, max_seq_len, templates, prune_mlp), accuracy_budget, adapter,
+                          from_bundle)
     for warning in api.host_warnings(plan):
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
@@ -114,11 +117,13 @@ def plan(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
     accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget"),
     templates: Optional[Path] = typer.Option(None, "--templates"),
+    prune_mlp: Optional[float] = typer.Option(None, "--prune-mlp", help=_PRUNE_HELP),
 ) -> None:
     """Print the fully resolved build plan (every default explicit) without building."""
     from edgelm import api
 
-    resolved = api.plan_build(profile, recipe, model, None, _overrides(calibration, samples, max_seq_len, templates),
+    resolved = api.plan_build(profile, recipe, model, None,
+                              _overrides(calibration, samples, max_seq_len, templates, prune_mlp),
                               accuracy_budget, adapter, from_bundle)
     console.print_json(json.dumps(resolved.summary()))
 

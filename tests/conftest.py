@@ -3,9 +3,16 @@ tokenizer and chat template, saved as safetensors, and bundles built from it onc
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# A test run started in the background (`make test &` in a script) inherits SIGINT *ignored*, and so
+# would every CLI process the tests start: a Ctrl-C test would see its signal vanish whenever it
+# lands before the CLI installs its own handler. Start the children as a terminal would.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -162,6 +162,20 @@ def _npu_window_beyond_context(f, tmp):
         ["export.kv_window 384 exceeds max_seq_len 256", "--max-seq-len"]
 
 
+def _prune_drops_every_layer(f, tmp):
+    (tmp / "r.yaml").write_text(f.recipe.read_text() + "prune: {drop_layers: [0, 1]}\n")
+    return _build(f.model, tmp, tmp / "r.yaml"), ["prune.drop_layers: dropping all 2 layers leaves no model", "keep at least one"]
+
+
+def _prune_removes_every_kv_group(f, tmp):
+    (tmp / "r.yaml").write_text(f.recipe.read_text() + "prune: {kv_groups_fraction: 0.9}\n")
+    return _build(f.model, tmp, tmp / "r.yaml"), ["prune.kv_groups_fraction: 0.9 of 2 KV groups removes all of them"]
+
+
+def _prune_mlp_fraction_one(f, tmp):
+    return _build(f.model, tmp, f.recipe, "--prune-mlp", "1"), ["prune.mlp_fraction: Input should be less than 1"]
+
+
 def _calibration_missing(f, tmp):
     return _build(f.model, tmp, f.recipe, "--calibration", str(tmp / "none.txt")), ["none.txt: calibration file not found"]
 

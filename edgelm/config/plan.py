@@ -66,5 +66,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> N
         target = data
         *parents, leaf = key.split(".")
         for part in parents:
+            if target.get(part) is None:  # an optional section the recipe left out (prune)
+                target[part] = {}
             target = target[part]
         target[leaf] = value

@@ -70,17 +70,62 @@ def parse_adapter(text: str) -> dict[str, Any]:
 
 
 class RecoverySettings(Frozen):
+    """Knowledge distillation from the unpruned model after pruning: the student (pruned) learns the
+    teacher's next-token distributions (KL on its top-k) on calibration text the teacher continued
+    itself, then LoRA deltas are merged (or all weights trained, `method: full`)."""
     steps: int = Field(300, ge=1, le=100_000)
+    method: Literal["lora", "full"] = "lora"
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    batch_size: int = Field(4, ge=1, le=256)
+    seq_len: int = Field(128, ge=16, le=4096)
+    samples: int = Field(128, ge=1, le=100_000, description="training sequences (calibration text continued by the teacher)")
+    temperature: float = Field(0.8, gt=0, le=2.0, description="the teacher samples its continuations at this temperature")
+    lora_rank: int = Field(16, ge=1, le=1024)
+    top_k: int = Field(64, ge=1, le=65536, description="teacher probabilities kept per position")
+    seed: int = 0
 
 
 class PruneSettings(Frozen):
-    """Validated now so recipes can be written against it; building with it is refused until the
-    pruning stage exists (see README, "Recipes")."""
+    """What to remove. structured: whole MLP channels, KV groups (each with its query heads) and
+    layers, so the matrices shrink; unstructured / 2:4: zeros inside dense matrices (smaller once
+    compressed, not faster on onnxruntime's CPU kernels). Importance: wanda = the energy a weight
+    group contributes to its layer's output on calibration text (|W| times input norms), magnitude =
+    the weights alone."""
     kind: Literal["structured", "unstructured", "2:4"] = "structured"
-    mlp_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    kv_groups_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    importance: Literal["wanda", "magnitude"] = "wanda"
+    mlp_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="MLP intermediate channels removed")
+    # uniform: the same fraction in every layer; global: channels ranked across layers (scores
+    # normalised per layer), so layers that matter more keep more
+    allocation: Literal["uniform", "global"] = "uniform"
+    kv_groups_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="KV heads removed, with their query heads")
+    # structured + wanda: the removed channels' mean output (on calibration text) is kept as a bias of
+    # down_proj / o_proj (FLAP's bias compensation), and channels are ranked by their fluctuation
+    compensate: bool = False
     drop_layers: tuple[int, ...] = ()
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="unstructured: weights zeroed per output row")
+    samples: int = Field(32, ge=1, le=4096, description="calibration samples for the importance scores")
     recover: RecoverySettings | None = None
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(index < 0 for index in value) or len(set(value)) != len(value):
+            raise ValueError(f"layer indices must be distinct and >= 0 (got {list(value)})")
+        return tuple(sorted(value))
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> "PruneSettings":
+        structured = self.mlp_fraction or self.kv_groups_fraction or self.drop_layers
+        if self.kind == "structured" and self.sparsity:
+            raise ValueError("sparsity is for kind: unstructured (structured pruning takes mlp_fraction, "
+                             "kv_groups_fraction, drop_layers)")
+        if self.kind != "structured" and structured:
+            raise ValueError(f"mlp_fraction, kv_groups_fraction and drop_layers are for kind: structured (got kind: {self.kind})")
+        if self.kind != "structured" and self.recover is not None:
+            raise ValueError(f"recover is for kind: structured (got kind: {self.kind}): merged deltas would fill the zeros back in")
+        if self.kind == "unstructured" and not self.sparsity:
+            raise ValueError("kind: unstructured needs sparsity (the fraction of each row's weights to zero, e.g. 0.5)")
+        return self
 
 
 class Recipe(Frozen):

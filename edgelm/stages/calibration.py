@@ -75,6 +75,29 @@ def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None
     return [ids[:max_tokens] for ids in encoded if ids]
 
 
+def observe_linear_inputs(model: Any, token_ids: list[list[int]], observe: Callable[[str, Any], None],
+                          on_sample: Callable[[int], None] = lambda i: None) -> None:
+    """Run the PyTorch model on calibration token ids and hand every decoder Linear's input to
+    `observe(path, x)` (path like "layers.3.mlp.down_proj", x as fp32 (tokens, features)): the
+    activation statistics SmoothQuant and pruning both need, gathered by one set of hooks."""
+    import torch
+
+    def hook(path: str):
+        return lambda module, inputs: observe(path, inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
+
+    hooks = [module.register_forward_pre_hook(hook(name.removeprefix("model.")))
+             for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")]
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(token_ids):
+                model(torch.tensor([ids]), use_cache=False)
+                on_sample(i + 1)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 class _FeedStream:
     """onnxruntime's CalibrationDataReader over `self._feeds` (an iterator): get_next() -> feed or None."""
 

@@ -47,6 +47,10 @@ class CheckQuality:
                         "window_len": settings.window_len, "windows_sha256": fingerprint(windows)})
         failures = gate_failures(metrics, settings)
         if failures:
-            raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures),
-                                   hint="no bundle was written; use a higher-precision profile or relax quality.* in the recipe")
+            hint = "no bundle was written; use a higher-precision profile or relax quality.* in the recipe"
+            prune = state.plan.prune
+            if prune is not None and prune.kind == "structured" and prune.recover is None:
+                # measured: a pruned, unrecovered model quantizes worse; distillation restores it (README, Pruning)
+                hint += ", or recover the pruned model first (prune.recover: {steps: 300})"
+            raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures), hint=hint)
         return metrics

@@ -80,6 +80,19 @@ def source_fingerprint(folder: Path, gguf_file: str | None) -> str:
     return digest.hexdigest()
 
 
+def model_config(spec: str) -> Any:
+    """The model's transformers config alone (no weights): for checks before a build starts."""
+    from transformers import AutoConfig
+
+    folder, gguf_file = locate_model(spec)
+    try:
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
+        where = folder / gguf_file if gguf_file else folder
+        raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
+                             hint="check that the file is complete and not corrupt") from exc
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: Any           # transformers PreTrainedModel, fp32, eval mode
@@ -91,16 +104,12 @@ class LoadedModel:
 def load_pretrained(spec: str) -> LoadedModel:
     """Load `spec` ("default", a HF folder or a .gguf) in fp32: weights from safetensors/GGUF only."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = locate_model(spec)
     where = folder / gguf_file if gguf_file else folder
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(folder, **kwargs)
-    except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
-        raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
-                             hint="check that the file is complete and not corrupt") from exc
+    config = model_config(spec)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f"{where}: architecture {config.model_type!r} is not supported",
                              hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -131,6 +131,20 @@ def attention_shares_kv(onnx_path: Path) -> bool:
     return "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops
 
 
+def compressed_size(folder: Path) -> int:
+    """Bytes of every file in `folder` after zlib (level 6, gzip's default), streamed."""
+    import zlib
+
+    total = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        packer = zlib.compressobj(6)
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                total += len(packer.compress(block))
+        total += len(packer.flush())
+    return total
+
+
 def session_options(state: BuildState) -> dict[str, Any]:
     return state.plan.profile.session.model_dump()
 
@@ -144,7 +158,24 @@ class Package:
         assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name, profile.provider,
                         session_options(state), provenance={}, static=state.static_graphs)
         size = sum(p.stat().st_size for p in state.bundle_dir.rglob("*") if p.is_file())
-        return {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir())}
+        facts = {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir())}
+        if state.plan.prune is not None:  # zeros (unstructured, 2:4) shrink a bundle only once compressed
+            facts["compressed_mb"] = round(compressed_size(state.bundle_dir) / 1e6, 1)
+        return facts
+
+
+def pruning_record(state: BuildState, quality: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `pruning`: the prune stage's facts, the bundle's size (plain and compressed)
+    and the finished bundle's perplexity against the *unpruned* fp32 model (the quality check
+    compares with the pruned one)."""
+    pruning = state.facts.get("prune", {})
+    if not pruning or "skipped" in pruning:
+        return {}
+    package = state.facts.get("package", {})
+    record = {**pruning, "bundle_mb": package.get("size_mb"), "compressed_mb": package.get("compressed_mb")}
+    if quality.get("perplexity") and pruning.get("perplexity_before"):
+        record["bundle_perplexity_ratio_vs_unpruned"] = round(quality["perplexity"] / pruning["perplexity_before"], 4)
+    return record
 
 
 def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
@@ -154,6 +185,7 @@ def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
     provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
                   "stages": {name: {"seconds": state.seconds.get(name), **facts} for name, facts in state.facts.items()}}
     final = dataclasses.replace(manifest, quality=quality, plan=state.plan.summary(), adapters=list(state.adapters),
+                                pruning=pruning_record(state, quality),
                                 fusions=dict(state.facts.get("fuse", {}).get("fused", {})), provenance=provenance)
     write_manifest(state.bundle_dir, final)
     return final

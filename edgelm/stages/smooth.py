@@ -17,7 +17,7 @@ from typing import Any
 from edgelm.config.profile import StaticQDQ
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import calibration_token_ids
+from edgelm.stages.calibration import calibration_token_ids, observe_linear_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -27,30 +27,16 @@ def collect_input_stats(model: Any, token_ids: list[list[int]], on_sample=lambda
     import torch
 
     stats: dict[str, dict[str, Any]] = {}
-    hooks = []
 
-    def hook(name: str):
-        def record(module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            entry = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "count": 0,
-                                            "min": float("inf"), "max": float("-inf")})
-            entry["absmax"] = torch.maximum(entry["absmax"], x.abs().amax(0))
-            entry["min"], entry["max"] = min(entry["min"], float(x.min())), max(entry["max"], float(x.max()))
-            entry["sumsq"] += float((x * x).sum())
-            entry["count"] += x.numel()
-        return record
+    def observe(name: str, x: Any) -> None:
+        entry = stats.setdefault(name, {"absmax": torch.zeros(x.shape[-1]), "sumsq": 0.0, "count": 0,
+                                        "min": float("inf"), "max": float("-inf")})
+        entry["absmax"] = torch.maximum(entry["absmax"], x.abs().amax(0))
+        entry["min"], entry["max"] = min(entry["min"], float(x.min())), max(entry["max"], float(x.max()))
+        entry["sumsq"] += float((x * x).sum())
+        entry["count"] += x.numel()
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            hooks.append(module.register_forward_pre_hook(hook(name.removeprefix("model."))))
-    try:
-        with torch.no_grad():
-            for i, ids in enumerate(token_ids):
-                model(torch.tensor([ids]), use_cache=False)
-                on_sample(i + 1)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    observe_linear_inputs(model, token_ids, observe, on_sample)
     for entry in stats.values():
         rms = (entry["sumsq"] / max(entry["count"], 1)) ** 0.5
         entry["outlier_ratio"] = float(entry["absmax"].max()) / max(rms, 1e-12)

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgelm_runtime.errors import BundleError
 
-FORMAT_VERSION = 3  # 3: optional `static` (fixed-shape NPU graphs); 2: top-level `plan` and `adapters`
+FORMAT_VERSION = 3  # 3: `static` (fixed-shape NPU graphs) and `pruning`; 2: top-level `plan` and `adapters`
 MANIFEST_FILE = "manifest.json"
 _UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
 
@@ -118,6 +118,8 @@ class Manifest:
     # fused ops in the graph after the fuse stage (op type -> count), checked against the profile
     fusions: dict[str, int] = field(default_factory=dict)
     static: StaticLayout | None = None  # fixed-shape prefill + decode graphs (NPU profiles)
+    # what pruning removed: {kind, params_before, params_after, perplexity_before, ...} ({}: not pruned)
+    pruning: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -147,7 +147,7 @@ def test_command_line_beats_recipe_beats_profile(tmp_path):
     assert [(a.path, a.weight) for a in flags.adapters] == [(str(Path.cwd() / "x"), 0.5)]  # --adapter replaces the list
 
 
-def test_prune_section_is_validated_then_refused(tmp_path):
+def test_prune_section_is_validated(tmp_path):
     from edgelm.api import plan_build, preflight
 
     bad = tmp_path / "bad.yaml"
@@ -156,8 +156,10 @@ def test_prune_section_is_validated_then_refused(tmp_path):
         load_recipe(bad)
     good = tmp_path / "good.yaml"
     good.write_text("prune: {kind: structured, mlp_fraction: 0.25, recover: {steps: 300}}\n")
-    with pytest.raises(ConfigError, match="prune: pruning is not available"):
-        preflight(plan_build(recipe=good))
+    plan = plan_build(recipe=good)
+    assert plan.prune.mlp_fraction == 0.25 and plan.prune.recover.steps == 300 and plan.prune.recover.method == "lora"
+    preflight(plan)  # the default model has 30 layers and 3 KV groups: nothing to refuse
+    assert plan_build(overrides={"prune.mlp_fraction": 0.1}).prune.kind == "structured"  # --prune-mlp 0.1
 
 
 def test_unknown_adapter_field_named(tmp_path):

@@ -1,0 +1,331 @@
+"""Prune the model before export. Structured: whole MLP channels, whole KV groups (a KV head with
+its query heads) and whole layers, so the matrices really shrink and the bundle gets smaller and
+faster. Unstructured / 2:4: zeros inside dense matrices (smaller once compressed, no faster on
+onnxruntime's CPU kernels, which have no sparse path).
+
+Importance is measured on calibration text, not read off the weights: a group's score is the
+energy it adds to its layer's output, ||W_group X_group||_F — for one MLP channel exactly
+||W_down[:, j]|| * ||h_j||, for a KV group a quadratic form of o_proj's input Gram matrix, for one
+weight Wanda's |W_ij| * ||X_j||. Hand-written: torch.nn.utils.prune only masks (nothing shrinks),
+and no field library prunes a Hugging Face decoder structurally so that it still exports. The
+kept channel counts are multiples of 32, the block MatMulNBits quantizes along its inputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+from edgelm.config.recipe import PruneSettings
+from edgelm.errors import ConfigError
+from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.calibration import calibration_token_ids, observe_linear_inputs
+
+logger = logging.getLogger(__name__)
+CHANNEL_MULTIPLE = 32  # MLP channels kept per layer: a multiple of the int8/int4 block along K
+
+
+def check_prune_fits(settings: PruneSettings, config: Any, where: str = "prune") -> None:
+    """Refuse what would leave nothing: every layer dropped, every KV group removed, an index past
+    the last layer, a KV fraction that removes no group at all."""
+    layers = config.num_hidden_layers
+    outside = [i for i in settings.drop_layers if i >= layers]
+    if outside:
+        raise ConfigError(f"{where}.drop_layers: layer {outside[0]} does not exist (the model has {layers}: 0-{layers - 1})",
+                          hint="list layer indices from 0")
+    if len(settings.drop_layers) >= layers:
+        raise ConfigError(f"{where}.drop_layers: dropping all {layers} layers leaves no model",
+                          hint="keep at least one layer")
+    if settings.kv_groups_fraction:
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        removed = round(settings.kv_groups_fraction * kv)
+        if removed >= kv:
+            raise ConfigError(f"{where}.kv_groups_fraction: {settings.kv_groups_fraction} of {kv} KV groups removes all of them",
+                              hint=f"use at most {(kv - 1) / kv:.2f} (keeps one group)")
+        if removed == 0:
+            raise ConfigError(f"{where}.kv_groups_fraction: {settings.kv_groups_fraction} of {kv} KV groups removes none",
+                              hint=f"use at least {0.5 / kv:.2f} to remove one group, or 0")
+
+
+def parameter_count(model: Any, nonzero: bool = False) -> int:
+    import torch
+
+    if nonzero:
+        return int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def collect_scores(model: Any, token_ids: list[list[int]], on_sample=lambda i: None) -> dict[str, Any]:
+    """Per Linear of every layer (module path): the sum of squares of each input channel over the
+    calibration tokens; per o_proj also the Gram matrix of each KV group's input columns."""
+    import torch
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group_width = (config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)) * head_dim
+    stats: dict[str, Any] = {}
+
+    def observe(name: str, x: Any) -> None:
+        entry = stats.setdefault(name, {"sumsq": torch.zeros(x.shape[-1]), "sum": torch.zeros(x.shape[-1]), "count": 0})
+        entry["sumsq"] += (x * x).sum(0)
+        entry["sum"] += x.sum(0)
+        entry["count"] += x.shape[0]
+        if name.endswith("o_proj"):
+            groups = x.reshape(x.shape[0], -1, group_width).transpose(0, 1)  # (groups, tokens, width)
+            entry["gram"] = entry.get("gram", 0) + groups.transpose(1, 2) @ groups
+
+    observe_linear_inputs(model, token_ids, observe, on_sample)
+    return stats
+
+
+def _energy(entry: dict[str, Any], compensate: bool) -> Any:
+    """Per input channel, sum over tokens of x^2; with compensation of (x - mean)^2 (the mean part
+    of a removed channel is put back as a bias, so only its fluctuation is lost)."""
+    if not compensate:
+        return entry["sumsq"]
+    return (entry["sumsq"] - entry["sum"] ** 2 / max(entry["count"], 1)).clamp(min=0)
+
+
+def _channel_scores(layer: Any, index: int, stats: dict[str, Any] | None, compensate: bool) -> Any:
+    """Importance of each MLP intermediate channel: ||W_down[:, j]|| * ||h_j|| (wanda: exactly the
+    Frobenius norm of the channel's contribution to down_proj's output; with compensation, of its
+    fluctuation around the mean), or with the weights alone ||W_down[:, j]|| * ||W_up[j, :]||."""
+    mlp = layer.mlp
+    column = mlp.down_proj.weight.norm(dim=0)
+    if stats is None:
+        return column * mlp.up_proj.weight.norm(dim=1)
+    return column * _energy(stats[f"layers.{index}.mlp.down_proj"], compensate).sqrt()
+
+
+def _compensated(linear: Any, removed: Any, mean: Any, kept: Any) -> Any:
+    """`linear` keeping only input columns `kept`, with the removed columns' output at the
+    calibration mean folded into its bias (FLAP's bias compensation)."""
+    import torch
+
+    out = _shrink_linear(linear, columns=kept)
+    shift = linear.weight.data[:, removed] @ mean[removed]
+    if out.bias is None:
+        out.bias = torch.nn.Parameter(shift.clone(), requires_grad=False)
+    else:
+        out.bias.data += shift
+    return out
+
+
+def _keep_count(size: int, fraction: float) -> int:
+    kept = round(size * (1 - fraction) / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+    return min(size, max(CHANNEL_MULTIPLE, kept))
+
+
+def _shrink_linear(linear: Any, rows: Any = None, columns: Any = None) -> Any:
+    """A new Linear with only the given output rows / input columns of `linear`'s weight."""
+    import torch
+
+    weight, bias = linear.weight.data, linear.bias.data if linear.bias is not None else None
+    if rows is not None:
+        weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+    if columns is not None:
+        weight = weight[:, columns]
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if bias is not None:
+        out.bias.data.copy_(bias)
+    return out
+
+
+def prune_mlp_channels(model: Any, fraction: float, stats: dict[str, Any] | None, allocation: str,
+                       compensate: bool = False) -> list[int]:
+    """Remove the least important intermediate channels of every MLP; returns the kept counts.
+    uniform: the same count per layer; global: scores normalised by each layer's mean, ranked
+    across layers, so layers whose channels matter more keep more (at least 32 channels each).
+    compensate (needs stats): the removed channels' mean contribution becomes down_proj's bias."""
+    import torch
+
+    layers = model.model.layers
+    compensate = compensate and stats is not None
+    scores = [_channel_scores(layer, i, stats, compensate) for i, layer in enumerate(layers)]
+    sizes = [len(s) for s in scores]
+    if allocation == "uniform":
+        keep = [_keep_count(size, fraction) for size in sizes]
+    else:
+        normalised = torch.cat([s / s.mean().clamp(min=1e-12) for s in scores])
+        budget = sum(sizes) - round(fraction * sum(sizes))
+        threshold = normalised.sort(descending=True).values[min(budget, len(normalised)) - 1]
+        keep = [min(size, max(CHANNEL_MULTIPLE, round(int((s / s.mean().clamp(min=1e-12) >= threshold).sum())
+                                                     / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE))
+                for s, size in zip(scores, sizes)]
+    with torch.no_grad():
+        for index, (layer, score, count) in enumerate(zip(layers, scores, keep)):
+            mlp = layer.mlp
+            if count == len(score):
+                continue
+            kept = score.topk(count).indices.sort().values
+            mlp.gate_proj = _shrink_linear(mlp.gate_proj, rows=kept)
+            mlp.up_proj = _shrink_linear(mlp.up_proj, rows=kept)
+            if compensate:
+                entry = stats[f"layers.{index}.mlp.down_proj"]
+                removed = torch.ones(len(score), dtype=torch.bool)
+                removed[kept] = False
+                mlp.down_proj = _compensated(mlp.down_proj, removed, entry["sum"] / entry["count"], kept)
+            else:
+                mlp.down_proj = _shrink_linear(mlp.down_proj, columns=kept)
+    model.config.intermediate_size = max(keep)  # the per-layer sizes are the modules' own
+    return keep
+
+
+def prune_kv_groups(model: Any, fraction: float, stats: dict[str, Any] | None, compensate: bool = False) -> int:
+    """Remove the same number of KV groups (a KV head and the query heads that read it) from every
+    layer: the bundle's KV layout and GroupQueryAttention take one head count for all layers, so
+    the count is uniform; which groups go is each layer's own choice. Returns the KV heads kept."""
+    import torch
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    groups = heads // kv_heads
+    kept_kv = kv_heads - round(fraction * kv_heads)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            width = groups * head_dim
+            w_o = attn.o_proj.weight.reshape(attn.o_proj.weight.shape[0], kv_heads, width).transpose(0, 1)  # (kv, out, width)
+            if stats is None:
+                score = w_o.norm(dim=(1, 2))
+            else:  # ||W_g X_g||_F^2 = sum((W_g^T W_g) * (X_g^T X_g)); compensated: X_g centred
+                entry = stats[f"layers.{i}.self_attn.o_proj"]
+                gram = entry["gram"]
+                if compensate and stats is not None:
+                    mean = (entry["sum"] / entry["count"]).reshape(kv_heads, width)
+                    gram = gram - entry["count"] * mean[:, :, None] * mean[:, None, :]
+                score = ((w_o.transpose(1, 2) @ w_o) * gram).sum(dim=(1, 2)).clamp(min=0).sqrt()
+            chosen = score.topk(kept_kv).indices.sort().values
+            kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in chosen.tolist()])
+            q_rows = torch.cat([torch.arange(g * width, (g + 1) * width) for g in chosen.tolist()])
+            attn.q_proj = _shrink_linear(attn.q_proj, rows=q_rows)
+            attn.k_proj = _shrink_linear(attn.k_proj, rows=kv_rows)
+            attn.v_proj = _shrink_linear(attn.v_proj, rows=kv_rows)
+            if compensate and stats is not None:
+                entry = stats[f"layers.{i}.self_attn.o_proj"]
+                removed = torch.ones(attn.o_proj.weight.shape[1], dtype=torch.bool)
+                removed[q_rows] = False
+                attn.o_proj = _compensated(attn.o_proj, removed, entry["sum"] / entry["count"], q_rows)
+            else:
+                attn.o_proj = _shrink_linear(attn.o_proj, columns=q_rows)
+    config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
+    config.num_key_value_heads, config.num_attention_heads = kept_kv, kept_kv * groups
+    return kept_kv
+
+
+def drop_layers(model: Any, indices: tuple[int, ...]) -> None:
+    """Remove whole decoder layers; the rest are renumbered (the KV cache is indexed by layer)."""
+    import torch
+
+    keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(indices)]
+    model.model.layers = torch.nn.ModuleList(keep)
+    for index, layer in enumerate(keep):
+        layer.self_attn.layer_idx = index
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(indices)]
+    config.num_hidden_layers = len(keep)
+
+
+def sparsify(model: Any, kind: str, sparsity: float, stats: dict[str, Any] | None) -> float:
+    """Zero weights of every decoder Linear in place: per output row the lowest-scoring `sparsity`
+    fraction (unstructured), or 2 of every 4 consecutive inputs (2:4). Score |W_ij| * ||X_j||
+    (wanda) or |W_ij|. Returns the fraction of those weights now zero."""
+    import torch
+
+    zeros = total = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not (isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")):
+                continue
+            weight = module.weight
+            score = weight.abs()
+            if stats is not None:
+                score = score * stats[name.removeprefix("model.")]["sumsq"].sqrt()[None, :]
+            if kind == "2:4":
+                blocks = score.reshape(weight.shape[0], -1, 4)
+                drop = blocks.topk(2, dim=-1, largest=False).indices
+                mask = torch.ones_like(blocks, dtype=torch.bool).scatter_(-1, drop, False).reshape(weight.shape)
+            else:
+                count = int(weight.shape[1] * sparsity)
+                drop = score.topk(count, dim=1, largest=False).indices if count else None
+                mask = torch.ones_like(weight, dtype=torch.bool)
+                if drop is not None:
+                    mask.scatter_(1, drop, False)
+            weight.mul_(mask)
+            zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+    return zeros / max(total, 1)
+
+
+def perplexity(model: Any, windows: list[list[int]]) -> float:
+    """PyTorch fp32 perplexity over the held-out windows (the quality check's windows)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+class Prune:
+    name = "prune"
+    title = "Prune (structured channels / KV groups / layers, or sparsity) and recover"
+
+    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+        from edgelm.eval.text import eval_windows
+
+        settings = state.plan.prune
+        if settings is None:
+            return {"skipped": "no prune section"}
+        model = state.model
+        check_prune_fits(settings, model.config)
+        quality = state.plan.quality
+        windows = eval_windows(quality.eval_text, quality.windows, min(quality.window_len, state.max_seq_len),
+                               lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
+        progress(self.name, 0, None, "perplexity before pruning")
+        before = {"parameters": parameter_count(model), "layers": model.config.num_hidden_layers,
+                  "kv_heads": model.config.num_key_value_heads, "perplexity": perplexity(model, windows)}
+        teacher = copy.deepcopy(model).eval() if settings.recover else None
+        if settings.drop_layers:
+            drop_layers(model, settings.drop_layers)
+        stats = None
+        if settings.importance == "wanda":
+            calibration = state.plan.calibration
+            token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, settings.samples,
+                                              calibration.max_prompt_tokens)
+            stats = collect_scores(model, token_ids, lambda i: progress(self.name, i, len(token_ids),
+                                                                        f"importance on calibration text {i}/{len(token_ids)}"))
+        facts: dict[str, Any] = {"kind": settings.kind, "importance": settings.importance}
+        if settings.kind == "structured":
+            if settings.kv_groups_fraction:
+                facts["kv_heads"] = prune_kv_groups(model, settings.kv_groups_fraction, stats, settings.compensate)
+            if settings.mlp_fraction:
+                facts["mlp_channels"] = prune_mlp_channels(model, settings.mlp_fraction, stats, settings.allocation,
+                                                           settings.compensate)
+                facts["allocation"] = settings.allocation
+            facts["compensated"] = settings.compensate and stats is not None
+            facts["dropped_layers"] = list(settings.drop_layers)
+        else:
+            facts["zeroed_fraction"] = round(sparsify(model, settings.kind, settings.sparsity, stats), 4)
+        pruned_ppl = perplexity(model, windows)
+        facts.update({"params_before": before["parameters"], "params_after": parameter_count(model),
+                      "nonzero_params_after": parameter_count(model, nonzero=True),
+                      "layers": model.config.num_hidden_layers, "perplexity_before": round(before["perplexity"], 3),
+                      "perplexity_pruned": round(pruned_ppl, 3)})
+        if teacher is not None:
+            from edgelm.stages.recover import distill
+
+            recovery = distill(model, teacher, state, settings.recover, progress)
+            del teacher
+            recovery["perplexity_after"] = round(perplexity(model, windows), 3)
+            facts["recovery"] = recovery
+        final = facts["recovery"]["perplexity_after"] if "recovery" in facts else pruned_ppl
+        facts["perplexity_ratio_vs_unpruned"] = round(final / before["perplexity"], 4)
+        state.source = {**state.source, "parameters": facts["params_after"]}
+        return facts
