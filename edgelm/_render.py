@@ -235,12 +235,23 @@ def precision(profile: Any) -> str:
     return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}"
 
 
+def _pruning_result(pruning: dict[str, Any]) -> str:
+    """What pruning cost in the end: the quantized bundle against the *unpruned* fp32 model."""
+    line = (f"{pruning['params_before'] / 1e6:.1f}M -> {pruning['params_after'] / 1e6:.1f}M params, "
+            f"{pruning.get('bundle_mb')} MB (zlib {pruning.get('compressed_mb')} MB)")
+    if pruning.get("bundle_perplexity_ratio_vs_unpruned") is not None:
+        line += f", bundle ppl x{pruning['bundle_perplexity_ratio_vs_unpruned']:.3f} vs the unpruned fp32 model"
+    return line
+
+
 def build_summary(report: Any) -> Table:
     table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
     for name, facts in report.facts.items():
         if ("skipped" in facts and name != "fuse") or (name == "adapters" and not facts.get("adapters")):
             continue  # stages this build did not use (recorded in the manifest)
         table.add_row(name, f"{report.seconds.get(name, 0):.1f}", _stage_notes(name, facts))
+    if report.manifest.pruning:
+        table.add_row("pruned", "", _pruning_result(report.manifest.pruning))
     table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
     return table
 
@@ -265,4 +276,6 @@ def manifest_summary(manifest: Manifest) -> Table:
     for name in ("prune", "export", "static", "fuse", "quantize", "device", "quality"):
         if name in stages and not (name in ("prune", "static", "device") and "skipped" in stages[name]):
             table.add_row(name, _stage_notes(name, stages[name]))
+    if manifest.pruning:
+        table.add_row("pruned", _pruning_result(manifest.pruning))
     return table

@@ -52,6 +52,15 @@ def test_structured_pruning_shrinks_the_model_and_the_bundle_keeps_its_tokens(ti
     assert pruning["mlp_channels"] == [64] and pruning["kv_heads"] == 1 and pruning["layers"] == 1
     assert report.manifest.kv.num_layers == 1 and report.manifest.kv.num_kv_heads == 1
     assert _size(report.output) < 0.7 * _size(tiny_bundle)
+    ratio = pruning["bundle_perplexity_ratio_vs_unpruned"]
+    assert ratio == pytest.approx(report.manifest.quality["perplexity"] / pruning["perplexity_before"], rel=1e-3)
+    from rich.console import Console
+
+    from edgelm._render import build_summary
+
+    console = Console(width=300, record=True)
+    console.print(build_summary(report))
+    assert f"bundle ppl x{ratio:.3f} vs the unpruned fp32 model" in console.export_text()
     state, facts = _pruned_model(tiny_model_dir, recipe, tmp_path / "again")
     assert facts["params_after"] == pruning["params_after"] == sum(p.numel() for p in state.model.parameters())
     ids = state.tokenizer(PROMPT)["input_ids"]
