@@ -227,7 +227,7 @@ def precision(profile: Any) -> str:
     if q.mode == "float16":
         return "fp16" + (f" (fp32: {', '.join(q.keep_fp32_ops)})" if q.keep_fp32_ops else "")
     if q.mode == "static-qdq":
-        bits = f"W{8}A{16 if q.activation_dtype == 'uint16' else 8}"
+        bits = f"W8A{16 if q.activation_dtype == 'uint16' else 8}"
         scope = "every op" if q.ops == "all" else "weight MatMuls"
         static = ", static shapes" if profile.export.static_shapes else ""
         return f"{bits} static QDQ on {scope} ({q.weight_dtype} weights, {q.activation_dtype} activations){static}"

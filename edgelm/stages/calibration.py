@@ -183,15 +183,19 @@ class StaticCalibrationFeeds(_FeedStream):
 
         num_layers, kv_heads, head_dim = self._kv
         layout = self._graphs.layout
+        prefill, decode = self._sessions
         for ids in token_ids:
-            recorded: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
-            prefill, decode = (_Recorder(session, recorded[kind]) for session, kind in zip(self._sessions, recorded))
+            recorded: list[dict[str, np.ndarray]] = []  # only this graph's feeds are copied
+            if self._kind == "prefill":
+                prefill = _Recorder(self._sessions[0], recorded)
+            else:
+                decode = _Recorder(self._sessions[1], recorded)
             window = StaticWindow(prefill, decode, layout, num_layers, kv_heads, head_dim, np.float32)
             steps = min(self._decode_steps, layout.kv_window - len(ids))
             logits = window.feed(np.asarray(ids[: layout.kv_window - steps]))
             for _ in range(steps):
                 logits = window.feed(np.asarray([int(logits.argmax())]))
-            yield from recorded[self._kind]
+            yield from recorded
 
 
 class _Recorder:

@@ -24,6 +24,7 @@ import numpy as np
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import PARITY_TEXT, export_failure, io_names, kv_shape
+from edgelm.stages.fused_export import fused_export_refusal
 from edgelm_runtime.bundle import ModelIO, StaticLayout
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,6 @@ class StaticGraphs:
     prefill: Path
     decode: Path
     layout: StaticLayout
-
-
-def static_export_refusal(model: Any) -> str | None:
-    """Why this model cannot be expressed as static graphs (None: it can)."""
-    from edgelm.stages.fused_export import fused_export_refusal
-
-    return fused_export_refusal(model)
 
 
 def static_decoder(model: Any, seq: int, window: int, positions: int, projections: str = "matmul") -> Any:
@@ -192,7 +186,7 @@ class ExportStatic:
         settings = state.plan.profile.export
         if not settings.static_shapes:
             return {"skipped": "dynamic shapes"}
-        refusal = static_export_refusal(state.model)
+        refusal = fused_export_refusal(state.model)  # the static graphs take the same module layout
         if refusal:
             raise StageError(self.name, f"this model cannot be exported with static shapes: {refusal}",
                              hint="use a dynamic-shape profile (cpu-int8, gpu-fp16) for this model")
