@@ -59,6 +59,62 @@ def save_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> P
     return folder
 
 
+# One tiny config per family, scaled down but keeping what the family differs in: a sliding window
+# (16) shorter than the tests' sequences, q/k norms, partial rotary + longrope, NoPE layers, packed
+# projections, soft-caps, (1 + w) norms and a scaled embedding, llama3 rope scaling, q/k/v biases.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {"num_hidden_layers": 2, "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "mistral": {"num_hidden_layers": 2, "sliding_window": 16, "tie_word_embeddings": False},
+    "qwen2": {"num_hidden_layers": 2, "tie_word_embeddings": True},
+    "qwen3": {"num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": True},
+    "gemma3_text": {"num_hidden_layers": 3, "head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 24,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "tie_word_embeddings": True,
+                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}},
+    "phi3": {"num_hidden_layers": 2, "tie_word_embeddings": False, "original_max_position_embeddings": 512,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                 "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                 "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}},
+    "smollm3": {"num_hidden_layers": 3, "no_rope_layers": [1, 1, 0], "no_rope_layer_interval": 3,
+                "tie_word_embeddings": True},
+}
+
+
+def save_tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random model of `family` from that family's own transformers config class."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    backend = _train_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    fields = {"vocab_size": backend.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, **FAMILY_CONFIGS[family]}
+    config = AutoConfig.for_model(family, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norms, so a wrong (1 + w) fold or a skipped norm shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: save_tiny_family(root / f"tiny-{family}", family) for family in FAMILY_CONFIGS}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
