@@ -110,6 +110,9 @@ class DecoderArch:
     layers_prefix: ClassVar[str] = "layers"             # module path of the layers under model.model
     # config lists with one entry per layer, trimmed when layers are dropped
     per_layer_config: ClassVar[tuple[str, ...]] = ("layer_types",)
+    # where a route that packs a role group into one Linear (the fused export) puts it
+    packed_projections: ClassVar[Mapping[tuple[str, ...], str]] = {
+        ATTENTION_INPUT: "self_attn.qkv_proj", MLP_INPUT: "mlp.gate_up_proj"}
 
     # --- model level -----------------------------------------------------------------------
     def layers(self, model: Any) -> Any:
@@ -212,9 +215,23 @@ class DecoderArch:
     def attention_module(self, layer: Any) -> Any:
         return layer.self_attn
 
+    def set_attention_heads(self, layer: Any, heads: int, kv_heads: int) -> None:
+        """After KV groups are removed: the head counts an attention module copied from its config
+        at init (Phi-3 splits its packed qkv output by its own num_key_value_heads)."""
+        attention = self.attention_module(layer)
+        for field, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if isinstance(getattr(attention, field, None), int):
+                setattr(attention, field, value)
+
     def linear_paths(self) -> tuple[str, ...]:
         """The distinct Linear module paths of one layer (a packed Linear once), in role order."""
         return tuple(dict.fromkeys(self.projections[role] for role in ROLES))
+
+    def packed_path(self, roles: tuple[str, ...]) -> str:
+        """The module path of `roles` packed into one Linear: the family's own Linear where it
+        already packs them (Phi-3), else packed_projections[roles]."""
+        paths = {self.projections[role] for role in roles}
+        return paths.pop() if len(paths) == 1 else self.packed_projections[tuple(roles)]
 
     def linear_names(self) -> tuple[str, ...]:
         """Their leaf names (peft target_modules)."""

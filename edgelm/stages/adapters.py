@@ -223,14 +223,14 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _split_tensor_name(name: str) -> tuple[str, str]:
-    """("model.layers.0.self_attn.q_proj", "lora_A.weight") from peft's saved tensor name."""
+    """(module path, "lora_A.weight") from peft's saved tensor name (the path as the base model names it)."""
     bare = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
     for suffix in _LORA_SUFFIXES:
         if bare.endswith(suffix):
             return bare[: -len(suffix)], suffix[1:]
     if bare.endswith(".base_layer.weight"):  # peft's save_embedding_layers: the whole base weight
         return bare[: -len(".base_layer.weight")], "weight"
-    module, _, leaf = bare.rpartition(".")  # modules_to_save: a whole parameter ("lm_head.weight")
+    module, _, leaf = bare.rpartition(".")  # modules_to_save: a whole parameter (the output head's weight)
     return module, leaf
 
 

@@ -1,8 +1,10 @@
 """Activation-aware weight scaling (AWQ) before weight-only quantization.
 
 Input channels that carry large activations matter most; scaling their weight columns up by s
-(and the activations down by 1/s, folded into the producer: the RMSNorm weight, or up_proj's
-rows for down_proj) gives them finer 4-bit steps. The fp32 model computes the same function.
+(and the activations down by 1/s, folded into the producer the family's arch names: a norm's
+weight, or the up projection's rows for the down projection) gives them finer 4-bit steps. The
+fp32 model computes the same function; a group the arch gives no fold is left unscaled, its
+reason recorded in the facts.
 Per group of Linears that read one input, s = mean|X|^alpha with alpha searched on calibration
 activations to minimise the quantized output error — the search of Lin et al. (AWQ, 2023),
 hand-written because onnxruntime ships AWQ only for NVIDIA's modelopt (GPU) and the other field
@@ -37,13 +39,14 @@ def fake_quant_blocks(weight: Any, bits: int, block: int) -> Any:
 
 
 def collect_inputs(model: Any, token_ids: list[list[int]], names: set[str]) -> dict[str, Any]:
-    """Up to ROWS_PER_INPUT rows of each named Linear's input (module path without "model.")."""
+    """Up to ROWS_PER_INPUT rows of each named Linear's input (its `DecoderArch.layer_linears` path)."""
     import torch
+
+    from edgelm.arch import for_model
 
     rows: dict[str, list[Any]] = {name: [] for name in names}
     hooks = []
-    for name, module in model.named_modules():
-        key = name.removeprefix("model.")
+    for key, module in for_model(model).layer_linears(model).items():
         if key in names:
             hooks.append(module.register_forward_pre_hook(
                 lambda module, inputs, key=key: rows[key].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))))
@@ -86,38 +89,43 @@ def search_scales(x: Any, weights: list[Any], bits: int, block: int) -> tuple[An
 
 def apply_awq(model: Any, token_ids: list[list[int]], bits: int, block: int,
               on_layer: Any = lambda i, n: None) -> dict[str, Any]:
-    """Scale every decoder layer in place (q/k/v and gate/up via their RMSNorm, down via up_proj)."""
+    """Scale every decoder layer in place, one input group at a time (the attention input and the
+    MLP input via their norms, the down projection's input via the up rows), as the arch folds them."""
     import torch
 
-    layers = model.model.layers
-    names = {f"layers.{i}.{m}" for i in range(len(layers)) for m in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}
-    inputs = collect_inputs(model, token_ids, names)
-    alphas, errors_before, errors_after = [], [], []
+    from edgelm.arch import NormFold, for_model
+
+    arch, config = for_model(model), model.config
+    layers = arch.layers(model)
+    plans = [arch.input_groups(layer, i, config) for i, layer in enumerate(layers)]
+    inputs = collect_inputs(model, token_ids, {group.key for groups in plans for group in groups if group.fold is not None})
+    alphas, errors_before, errors_after, skipped = [], [], [], {}
     with torch.no_grad():
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            plans = ((f"layers.{i}.self_attn.q_proj", (attn.q_proj, attn.k_proj, attn.v_proj), layer.input_layernorm, None),
-                     (f"layers.{i}.mlp.gate_proj", (mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm, None),
-                     (f"layers.{i}.mlp.down_proj", (mlp.down_proj,), None, mlp.up_proj))
-            for key, linears, norm, producer in plans:
-                x = inputs[key]
-                weights = [linear.weight.float() for linear in linears]
-                s, alpha, after, before = search_scales(x, weights, bits, block)
-                for linear in linears:
+        for i, groups in enumerate(plans):
+            for group in groups:
+                if group.fold is None:
+                    skipped[group.key] = group.reason or "no producer to fold the scale into"
+                    continue
+                weights = [linear.weight.float() for linear in group.readers]
+                s, alpha, after, before = search_scales(inputs[group.key], weights, bits, block)
+                for linear in group.readers:
                     linear.weight.mul_(s)
-                if norm is not None:
-                    norm.weight.div_(s)
-                else:
-                    producer.weight.div_(s[:, None])
-                    if getattr(producer, "bias", None) is not None:
-                        producer.bias.div_(s)
+                if isinstance(group.fold, NormFold):
+                    group.fold.divide(s)
+                else:  # a producer's output rows
+                    group.fold.divide_rows(s)
                 alphas.append(alpha)
                 errors_before.append(before)
                 errors_after.append(after)
             on_layer(i + 1, len(layers))
-    return {"groups": len(alphas), "mean_alpha": round(sum(alphas) / len(alphas), 3),
-            "mean_relative_error_before": float(f"{sum(errors_before) / len(errors_before):.4g}"),
-            "mean_relative_error_after": float(f"{sum(errors_after) / len(errors_after):.4g}")}
+    if not alphas:
+        return {"groups": 0, "skipped": skipped}
+    facts = {"groups": len(alphas), "mean_alpha": round(sum(alphas) / len(alphas), 3),
+             "mean_relative_error_before": float(f"{sum(errors_before) / len(errors_before):.4g}"),
+             "mean_relative_error_after": float(f"{sum(errors_after) / len(errors_after):.4g}")}
+    if skipped:
+        facts["skipped"] = skipped
+    return facts
 
 
 class ActivationAwareScales:
@@ -135,7 +143,9 @@ class ActivationAwareScales:
             return apply_awq(state.model, token_ids, settings.bits, settings.block_size,
                              on_layer=lambda i, n: progress(self.name, i, n, f"layer {i}/{n}"))
         except (KeyError, AttributeError) as exc:
+            from edgelm.arch import for_model
             from edgelm.errors import StageError
 
-            raise StageError(self.name, f"this model's layers do not have the Llama shape AWQ expects ({exc})",
+            raise StageError(self.name, f"{for_model(state.model).name}: this model's layers do not have the shape "
+                             f"its family's arch describes, so AWQ cannot fold its scales ({exc})",
                              hint="set quantization.activation_aware: false in the profile") from exc

@@ -78,16 +78,17 @@ def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None
 def observe_linear_inputs(model: Any, token_ids: list[list[int]], observe: Callable[[str, Any], None],
                           on_sample: Callable[[int], None] = lambda i: None) -> None:
     """Run the PyTorch model on calibration token ids and hand every decoder Linear's input to
-    `observe(path, x)` (path like "layers.3.mlp.down_proj", x as fp32 (tokens, features)): the
-    activation statistics SmoothQuant and pruning both need, gathered by one set of hooks."""
+    `observe(path, x)` (path: the family's module path under the layers' parent, "layers.3.<path>",
+    as `DecoderArch.layer_linears` names it; x as fp32 (tokens, features)): the activation
+    statistics SmoothQuant and pruning both need, gathered by one set of hooks."""
     import torch
+
+    from edgelm.arch import for_model
 
     def hook(path: str):
         return lambda module, inputs: observe(path, inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
 
-    hooks = [module.register_forward_pre_hook(hook(name.removeprefix("model.")))
-             for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")]
+    hooks = [module.register_forward_pre_hook(hook(path)) for path, module in for_model(model).layer_linears(model).items()]
     try:
         with torch.no_grad():
             for i, ids in enumerate(token_ids):

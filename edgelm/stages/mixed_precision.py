@@ -76,13 +76,19 @@ def unpacked(module: str) -> str:
     return module
 
 
-def ranked_groups(candidates: dict[str, str], score_of: dict[str, float]) -> list[list[str]]:
-    """MatMul node names grouped by shared input (q/k/v), highest score (measured sensitivity, or
-    the input's outlier ratio) first."""
+def ranked_groups(candidates: dict[str, str], score_of: dict[str, float], arch: Any = None) -> list[list[str]]:
+    """MatMul node names grouped by shared input (q/k/v; `arch.sensitivity_group`, Llama-shaped by
+    default), highest score (measured sensitivity, or the input's outlier ratio) first. A module
+    measured under its own path (a family's own packed Linear, Phi-3) is scored as itself; a MatMul
+    the export packed is scored by the module whose input it shares."""
     groups: dict[str, list[str]] = {}
     for node, module in candidates.items():
-        groups.setdefault(group_key(module), []).append(node)
-    score = lambda key: max(score_of.get(unpacked(m), 0.0) for n, m in candidates.items() if n in groups[key])  # noqa: E731
+        groups.setdefault(group_key(module, arch), []).append(node)
+
+    def measured(module: str) -> float:
+        return score_of[module] if module in score_of else score_of.get(unpacked(module), 0.0)
+
+    score = lambda key: max(measured(m) for n, m in candidates.items() if n in groups[key])  # noqa: E731
     return [groups[key] for key in sorted(groups, key=score, reverse=True)]
 
 

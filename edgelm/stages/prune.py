@@ -5,10 +5,12 @@ onnxruntime's CPU kernels, which have no sparse path).
 
 Importance is measured on calibration text, not read off the weights: a group's score is the
 energy it adds to its layer's output, ||W_group X_group||_F — for one MLP channel exactly
-||W_down[:, j]|| * ||h_j||, for a KV group a quadratic form of o_proj's input Gram matrix, for one
-weight Wanda's |W_ij| * ||X_j||. Hand-written: torch.nn.utils.prune only masks (nothing shrinks),
-and no field library prunes a Hugging Face decoder structurally so that it still exports. The
-kept channel counts are multiples of 32, the block MatMulNBits quantizes along its inputs."""
+||W_down[:, j]|| * ||h_j||, for a KV group a quadratic form of the output projection's input Gram
+matrix, for one weight Wanda's |W_ij| * ||X_j||. Module paths, packed projections (Phi-3) and
+per-layer config lists come from the family's arch (edgelm.arch). Hand-written:
+torch.nn.utils.prune only masks (nothing shrinks), and no field library prunes a Hugging Face
+decoder structurally so that it still exports. The kept channel counts are multiples of 32, the
+block MatMulNBits quantizes along its inputs."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import logging
 import math
 from typing import Any
 
+from edgelm.arch import for_model, shrink_linear
 from edgelm.config.recipe import PruneSettings
 from edgelm.errors import ConfigError
 from edgelm.pipeline.stage import BuildState, Progress
@@ -58,12 +61,13 @@ def parameter_count(model: Any, nonzero: bool = False) -> int:
 
 def collect_scores(model: Any, token_ids: list[list[int]], on_sample=lambda i: None) -> dict[str, Any]:
     """Per Linear of every layer (module path): the sum of squares of each input channel over the
-    calibration tokens; per o_proj also the Gram matrix of each KV group's input columns."""
+    calibration tokens; per output projection also the Gram matrix of each KV group's input columns."""
     import torch
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    group_width = (config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)) * head_dim
+    arch = for_model(model)
+    heads, kv_heads, head_dim = arch.config_attention(model.config)
+    group_width = (heads // kv_heads) * head_dim
+    outputs = {arch.module_path(i, "o") for i in range(len(arch.layers(model)))}
     stats: dict[str, Any] = {}
 
     def observe(name: str, x: Any) -> None:
@@ -71,7 +75,7 @@ def collect_scores(model: Any, token_ids: list[list[int]], on_sample=lambda i: N
         entry["sumsq"] += (x * x).sum(0)
         entry["sum"] += x.sum(0)
         entry["count"] += x.shape[0]
-        if name.endswith("o_proj"):
+        if name in outputs:
             groups = x.reshape(x.shape[0], -1, group_width).transpose(0, 1)  # (groups, tokens, width)
             entry["gram"] = entry.get("gram", 0) + groups.transpose(1, 2) @ groups
 
@@ -87,15 +91,15 @@ def _energy(entry: dict[str, Any], compensate: bool) -> Any:
     return (entry["sumsq"] - entry["sum"] ** 2 / max(entry["count"], 1)).clamp(min=0)
 
 
-def _channel_scores(layer: Any, index: int, stats: dict[str, Any] | None, compensate: bool) -> Any:
+def _channel_scores(arch: Any, layer: Any, index: int, config: Any, stats: dict[str, Any] | None,
+                    compensate: bool) -> Any:
     """Importance of each MLP intermediate channel: ||W_down[:, j]|| * ||h_j|| (wanda: exactly the
-    Frobenius norm of the channel's contribution to down_proj's output; with compensation, of its
-    fluctuation around the mean), or with the weights alone ||W_down[:, j]|| * ||W_up[j, :]||."""
-    mlp = layer.mlp
-    column = mlp.down_proj.weight.norm(dim=0)
+    Frobenius norm of the channel's contribution to the down projection's output; with compensation,
+    of its fluctuation around the mean), or with the weights alone ||W_down[:, j]|| * ||W_up[j, :]||."""
+    column = arch.role(layer, "down", config).weight.norm(dim=0)
     if stats is None:
-        return column * mlp.up_proj.weight.norm(dim=1)
-    return column * _energy(stats[f"layers.{index}.mlp.down_proj"], compensate).sqrt()
+        return column * arch.role(layer, "up", config).weight.norm(dim=1)
+    return column * _energy(stats[arch.module_path(index, "down")], compensate).sqrt()
 
 
 def _compensated(linear: Any, removed: Any, mean: Any, kept: Any) -> Any:
@@ -103,7 +107,7 @@ def _compensated(linear: Any, removed: Any, mean: Any, kept: Any) -> Any:
     calibration mean folded into its bias (FLAP's bias compensation)."""
     import torch
 
-    out = _shrink_linear(linear, columns=kept)
+    out = shrink_linear(linear, columns=kept)
     shift = linear.weight.data[:, removed] @ mean[removed]
     if out.bias is None:
         out.bias = torch.nn.Parameter(shift.clone(), requires_grad=False)
@@ -117,33 +121,19 @@ def _keep_count(size: int, fraction: float) -> int:
     return min(size, max(CHANNEL_MULTIPLE, kept))
 
 
-def _shrink_linear(linear: Any, rows: Any = None, columns: Any = None) -> Any:
-    """A new Linear with only the given output rows / input columns of `linear`'s weight."""
-    import torch
-
-    weight, bias = linear.weight.data, linear.bias.data if linear.bias is not None else None
-    if rows is not None:
-        weight, bias = weight[rows], (bias[rows] if bias is not None else None)
-    if columns is not None:
-        weight = weight[:, columns]
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    out.weight.data.copy_(weight)
-    if bias is not None:
-        out.bias.data.copy_(bias)
-    return out
-
-
 def prune_mlp_channels(model: Any, fraction: float, stats: dict[str, Any] | None, allocation: str,
                        compensate: bool = False) -> list[int]:
     """Remove the least important intermediate channels of every MLP; returns the kept counts.
     uniform: the same count per layer; global: scores normalised by each layer's mean, ranked
     across layers, so layers whose channels matter more keep more (at least 32 channels each).
-    compensate (needs stats): the removed channels' mean contribution becomes down_proj's bias."""
+    compensate (needs stats): the removed channels' mean contribution becomes the down projection's
+    bias. Gate and up keep the same rows (packed in one Linear on Phi-3: both halves shrink alike)."""
     import torch
 
-    layers = model.model.layers
+    arch, config = for_model(model), model.config
+    layers = arch.layers(model)
     compensate = compensate and stats is not None
-    scores = [_channel_scores(layer, i, stats, compensate) for i, layer in enumerate(layers)]
+    scores = [_channel_scores(arch, layer, i, config, stats, compensate) for i, layer in enumerate(layers)]
     sizes = [len(s) for s in scores]
     if allocation == "uniform":
         keep = [_keep_count(size, fraction) for size in sizes]
@@ -156,19 +146,18 @@ def prune_mlp_channels(model: Any, fraction: float, stats: dict[str, Any] | None
                 for s, size in zip(scores, sizes)]
     with torch.no_grad():
         for index, (layer, score, count) in enumerate(zip(layers, scores, keep)):
-            mlp = layer.mlp
             if count == len(score):
                 continue
             kept = score.topk(count).indices.sort().values
-            mlp.gate_proj = _shrink_linear(mlp.gate_proj, rows=kept)
-            mlp.up_proj = _shrink_linear(mlp.up_proj, rows=kept)
+            down = arch.role(layer, "down", config)
+            arch.keep_rows(layer, {"gate": kept, "up": kept}, config)
             if compensate:
-                entry = stats[f"layers.{index}.mlp.down_proj"]
+                entry = stats[arch.module_path(index, "down")]
                 removed = torch.ones(len(score), dtype=torch.bool)
                 removed[kept] = False
-                mlp.down_proj = _compensated(mlp.down_proj, removed, entry["sum"] / entry["count"], kept)
+                arch.set_linear(layer, down.path, _compensated(down.linear, removed, entry["sum"] / entry["count"], kept))
             else:
-                mlp.down_proj = _shrink_linear(mlp.down_proj, columns=kept)
+                arch.keep_columns(layer, "down", kept)
     model.config.intermediate_size = max(keep)  # the per-layer sizes are the modules' own
     return keep
 
@@ -176,23 +165,25 @@ def prune_mlp_channels(model: Any, fraction: float, stats: dict[str, Any] | None
 def prune_kv_groups(model: Any, fraction: float, stats: dict[str, Any] | None, compensate: bool = False) -> int:
     """Remove the same number of KV groups (a KV head and the query heads that read it) from every
     layer: the bundle's KV layout and GroupQueryAttention take one head count for all layers, so
-    the count is uniform; which groups go is each layer's own choice. Returns the KV heads kept."""
+    the count is uniform; which groups go is each layer's own choice. Query, key and value keep
+    their chosen rows (row ranges of one packed Linear on Phi-3), the output projection the query
+    columns. Returns the KV heads kept."""
     import torch
 
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    arch, config = for_model(model), model.config
+    heads, kv_heads, head_dim = arch.config_attention(config)
     groups = heads // kv_heads
     kept_kv = kv_heads - round(fraction * kv_heads)
+    layers = arch.layers(model)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
+        for i, layer in enumerate(layers):
+            output = arch.role(layer, "o", config)
             width = groups * head_dim
-            w_o = attn.o_proj.weight.reshape(attn.o_proj.weight.shape[0], kv_heads, width).transpose(0, 1)  # (kv, out, width)
+            w_o = output.weight.reshape(output.weight.shape[0], kv_heads, width).transpose(0, 1)  # (kv, out, width)
             if stats is None:
                 score = w_o.norm(dim=(1, 2))
             else:  # ||W_g X_g||_F^2 = sum((W_g^T W_g) * (X_g^T X_g)); compensated: X_g centred
-                entry = stats[f"layers.{i}.self_attn.o_proj"]
+                entry = stats[arch.module_path(i, "o")]
                 gram = entry["gram"]
                 if compensate and stats is not None:
                     mean = (entry["sum"] / entry["count"]).reshape(kv_heads, width)
@@ -201,33 +192,26 @@ def prune_kv_groups(model: Any, fraction: float, stats: dict[str, Any] | None, c
             chosen = score.topk(kept_kv).indices.sort().values
             kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in chosen.tolist()])
             q_rows = torch.cat([torch.arange(g * width, (g + 1) * width) for g in chosen.tolist()])
-            attn.q_proj = _shrink_linear(attn.q_proj, rows=q_rows)
-            attn.k_proj = _shrink_linear(attn.k_proj, rows=kv_rows)
-            attn.v_proj = _shrink_linear(attn.v_proj, rows=kv_rows)
+            arch.keep_rows(layer, {"q": q_rows, "k": kv_rows, "v": kv_rows}, config)
             if compensate and stats is not None:
-                entry = stats[f"layers.{i}.self_attn.o_proj"]
-                removed = torch.ones(attn.o_proj.weight.shape[1], dtype=torch.bool)
+                entry = stats[arch.module_path(i, "o")]
+                removed = torch.ones(output.weight.shape[1], dtype=torch.bool)
                 removed[q_rows] = False
-                attn.o_proj = _compensated(attn.o_proj, removed, entry["sum"] / entry["count"], q_rows)
+                arch.set_linear(layer, output.path, _compensated(output.linear, removed, entry["sum"] / entry["count"], q_rows))
             else:
-                attn.o_proj = _shrink_linear(attn.o_proj, columns=q_rows)
+                arch.keep_columns(layer, "o", q_rows)
+    for layer in layers:
+        arch.set_attention_heads(layer, kept_kv * groups, kept_kv)
     config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
     config.num_key_value_heads, config.num_attention_heads = kept_kv, kept_kv * groups
     return kept_kv
 
 
 def drop_layers(model: Any, indices: tuple[int, ...]) -> None:
-    """Remove whole decoder layers; the rest are renumbered (the KV cache is indexed by layer)."""
-    import torch
-
-    keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(indices)]
-    model.model.layers = torch.nn.ModuleList(keep)
-    for index, layer in enumerate(keep):
-        layer.self_attn.layer_idx = index
-    config = model.config
-    if getattr(config, "layer_types", None):
-        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(indices)]
-    config.num_hidden_layers = len(keep)
+    """Remove whole decoder layers; the rest are renumbered (the KV cache is indexed by layer) and
+    the config's per-layer lists (layer types, SmolLM3's NoPE flags) trimmed alike, by the arch."""
+    arch = for_model(model)
+    arch.set_layers(model, [i for i in range(len(arch.layers(model))) if i not in set(indices)])
 
 
 def sparsify(model: Any, kind: str, sparsity: float, stats: dict[str, Any] | None) -> float:
@@ -238,13 +222,11 @@ def sparsify(model: Any, kind: str, sparsity: float, stats: dict[str, Any] | Non
 
     zeros = total = 0
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if not (isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")):
-                continue
+        for name, module in for_model(model).layer_linears(model).items():
             weight = module.weight
             score = weight.abs()
             if stats is not None:
-                score = score * stats[name.removeprefix("model.")]["sumsq"].sqrt()[None, :]
+                score = score * stats[name]["sumsq"].sqrt()[None, :]
             if kind == "2:4":
                 blocks = score.reshape(weight.shape[0], -1, 4)
                 drop = blocks.topk(2, dim=-1, largest=False).indices
@@ -290,7 +272,7 @@ class Prune:
                                lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
         progress(self.name, 0, None, "perplexity before pruning")
         before = {"parameters": parameter_count(model), "layers": model.config.num_hidden_layers,
-                  "kv_heads": model.config.num_key_value_heads, "perplexity": perplexity(model, windows)}
+                  "kv_heads": for_model(model).config_attention(model.config)[1], "perplexity": perplexity(model, windows)}
         teacher = copy.deepcopy(model).eval() if settings.recover else None
         if settings.drop_layers:
             drop_layers(model, settings.drop_layers)

@@ -19,7 +19,6 @@ from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.calibration import calibration_texts
 
 logger = logging.getLogger(__name__)
-_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def training_sequences(teacher: Any, tokenizer: Any, chat_template: str | None, source: str,
@@ -78,8 +77,11 @@ def distill(student: Any, teacher: Any, state: BuildState, settings: RecoverySet
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(student, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
-                                                   lora_dropout=0.0, target_modules=_PROJECTIONS))
+        from edgelm.arch import for_model
+
+        # every projection of every layer, by the family's own leaf names (packed ones included)
+        model = get_peft_model(student, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+                                                   target_modules=list(for_model(student).linear_names())))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     warmup = max(1, settings.steps // 20)

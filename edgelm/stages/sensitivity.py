@@ -2,8 +2,9 @@
 
 The mixed-precision search restores the most damaging groups to higher precision first, so
 the order matters: an input's outlier ratio is only a proxy (a huge outlier in a channel whose
-weights are small costs little). Here each group (q/k/v share one input; o, gate, up and down
-stand alone) is fake-quantized alone in PyTorch — activations per-tensor with the calibration
+weights are small costs little). Here each group (the family's arch groups the Linears that read
+one input: separate q/k/v share the attention input; every other Linear, packed ones included,
+stands alone) is fake-quantized alone in PyTorch — activations per-tensor with the calibration
 min/max, weights per output channel, as onnxruntime's QDQ quantizer will do it — and the KL
 divergence of the final next-token distribution from the float model's is measured on a few
 calibration samples, cut into one batch of equal windows. One batched forward pass per group."""
@@ -20,9 +21,15 @@ from edgelm.stages.calibration import calibration_token_ids
 PROBE_WINDOWS, PROBE_TOKENS = 4, 128  # one [4, 128] batch per group: 8 unbatched samples took 835 s on SmolLM2
 
 
-def group_key(module: str) -> str:
-    """The input a Linear reads: q/k/v read one (the attention norm's output), the rest their own."""
-    return module.rsplit(".", 1)[0] + ".qkv" if module.endswith(("q_proj", "k_proj", "v_proj")) else module
+def group_key(module: str, arch: Any = None) -> str:
+    """The input a Linear reads (`arch.sensitivity_group`): q/k/v read one (the attention norm's
+    output), the rest their own. Without an arch, the Llama-shaped default: every family with
+    separate q/k/v names them alike, and a packed Linear is its own group under any arch."""
+    if arch is None:
+        from edgelm.arch import ARCHS
+
+        arch = ARCHS["llama"]
+    return arch.sensitivity_group(module)
 
 
 def _fake_quant_activation(x: Any, low: float, high: float, levels: int) -> Any:
@@ -54,12 +61,14 @@ def measure_sensitivity(model: Any, token_ids: list[list[int]], ranges: dict[str
     the calibration tokens joined and cut into PROBE_WINDOWS windows of PROBE_TOKENS."""
     import torch
 
+    from edgelm.arch import for_model
+
     levels = 256 if settings.activation_dtype == "uint8" else 65536
-    linears = {name.removeprefix("model."): module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") and name.removeprefix("model.") in ranges}
+    arch = for_model(model)
+    linears = {path: module for path, module in arch.layer_linears(model).items() if path in ranges}
     groups: dict[str, list[str]] = {}
     for name in linears:
-        groups.setdefault(group_key(name), []).append(name)
+        groups.setdefault(group_key(name, arch), []).append(name)
     stream = [t for ids in token_ids for t in ids]
     windows = max(1, min(PROBE_WINDOWS, len(stream) // PROBE_TOKENS))
     length = min(PROBE_TOKENS, len(stream))
@@ -101,8 +110,11 @@ class MeasureSensitivity:
                                           calibration.samples, calibration.max_prompt_tokens)
         scores = measure_sensitivity(state.model, token_ids, state.activation_ranges, settings,
                                      on_group=lambda i, n: progress(self.name, i, n, f"group {i}/{n}"))
-        state.sensitivity = {module: scores[group_key(module)] for module in state.activation_ranges
-                             if group_key(module) in scores}
+        from edgelm.arch import for_model
+
+        arch = for_model(state.model)
+        state.sensitivity = {module: scores[group_key(module, arch)] for module in state.activation_ranges
+                             if group_key(module, arch) in scores}
         worst = sorted(scores.items(), key=lambda kv: -kv[1])[:8]
         return {"groups": len(scores), "probe_tokens": min(PROBE_WINDOWS * PROBE_TOKENS, sum(map(len, token_ids))),
                 "most_sensitive": {key: float(f"{kl:.3g}") for key, kl in worst}}

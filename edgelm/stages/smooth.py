@@ -1,10 +1,12 @@
 """SmoothQuant: move activation outliers into the weights before export, so 8-bit activations fit.
 
 For each Linear input channel j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s
-(folded into the producer: the RMSNorm weight, up_proj's rows, v_proj's rows) and W multiplied by
-it. The fp32 model computes the same function (parity is still checked after export); only the
-ranges that int8 must cover change. Hand-written: no field library applies SmoothQuant to a
-PyTorch Llama before ONNX export (onnxruntime's own SmoothQuant needs neural-compressor).
+(folded into the producer the family's arch names: a norm's weight, with Gemma's (1 + w) offset;
+the up projection's rows for the down projection; the value rows for the output projection) and W
+multiplied by it. Packed Linears (Phi-3) work unchanged: a role is a row range of one Linear. The
+fp32 model computes the same function (parity is still checked after export); only the ranges
+that int8 must cover change. Hand-written: no field library applies SmoothQuant to a PyTorch
+decoder before ONNX export (onnxruntime's own SmoothQuant needs neural-compressor).
 
 Also records each Linear's input outlier ratio (max|X| / rms X), which ranks layers for mixed
 precision."""
@@ -51,44 +53,43 @@ def _scales(act_max: Any, weights: list[Any], alpha: float) -> Any:
     return scales.clamp(min=1e-5)
 
 
-def smooth_model(model: Any, stats: dict[str, dict[str, Any]], alpha: float) -> int:
-    """Apply SmoothQuant in place to every decoder layer; returns the number of smoothed Linears."""
+def smooth_model(model: Any, stats: dict[str, dict[str, Any]], alpha: float) -> dict[str, Any]:
+    """Apply SmoothQuant in place to every decoder layer, through the family's arch: each input
+    group's scale folds where `input_groups` says; a group without a fold is left as it is, its
+    reason recorded. Returns {"smoothed_linears": count, "skipped": {group key: reason}}."""
     import torch
 
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    smoothed = 0
+    from edgelm.arch import NormFold, for_model
+
+    arch, config = for_model(model), model.config
+    heads, kv_heads, head_dim = arch.config_attention(config)
+    smoothed, skipped = 0, {}
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            # q/k/v read input_layernorm's output; gate/up read post_attention_layernorm's
-            for norm, linears, key in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), "self_attn.q_proj"),
-                                       (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), "mlp.gate_proj")):
-                s = _scales(stats[f"layers.{i}.{key}"]["absmax"], [l.weight for l in linears], alpha)
-                norm.weight.div_(s)
-                for linear in linears:
+        for i, layer in enumerate(arch.layers(model)):
+            for group in arch.input_groups(layer, i, config):
+                if group.fold is None:
+                    skipped[group.key] = group.reason or "no producer to fold the scale into"
+                    continue
+                s = _scales(stats[group.key]["absmax"], [linear.weight for linear in group.readers], alpha)
+                if isinstance(group.fold, NormFold):
+                    group.fold.divide(s)
+                else:  # a producer's output rows
+                    group.fold.divide_rows(s)
+                for linear in group.readers:
                     linear.weight.mul_(s)
-                smoothed += len(linears)
-            # down_proj reads act(gate) * up: the scale moves into up_proj's output rows
-            s = _scales(stats[f"layers.{i}.mlp.down_proj"]["absmax"], [mlp.down_proj.weight], alpha)
-            mlp.up_proj.weight.div_(s[:, None])
-            if getattr(mlp.up_proj, "bias", None) is not None:
-                mlp.up_proj.bias.div_(s)
-            mlp.down_proj.weight.mul_(s)
-            # o_proj reads softmax(QK)V: the scale moves into v_proj's rows, one per KV channel,
-            # so every query head of a GQA group must share it (max over the group)
-            act = stats[f"layers.{i}.self_attn.o_proj"]["absmax"].reshape(kv_heads, heads // kv_heads, head_dim)
-            wmax = attn.o_proj.weight.abs().amax(0).reshape(kv_heads, heads // kv_heads, head_dim)
+                smoothed += len(group.readers)
+            # the output projection reads softmax(QK)V: the scale moves into the value rows, one
+            # per KV channel, so every query head of a GQA group must share it (max over the group)
+            value, output = arch.role(layer, "v", config), arch.role(layer, "o", config)
+            act = stats[arch.module_path(i, "o")]["absmax"].reshape(kv_heads, heads // kv_heads, head_dim)
+            wmax = output.weight.abs().amax(0).reshape(kv_heads, heads // kv_heads, head_dim)
             s_kv = act.amax(1).clamp(min=1e-5).pow(alpha) / wmax.amax(1).clamp(min=1e-5).pow(1 - alpha)
             s_kv = s_kv.clamp(min=1e-5).reshape(-1)
-            attn.v_proj.weight.div_(s_kv[:, None])
-            if getattr(attn.v_proj, "bias", None) is not None:
-                attn.v_proj.bias.div_(s_kv)
+            value.divide_rows(s_kv)
             s_o = s_kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, heads // kv_heads, head_dim).reshape(-1)
-            attn.o_proj.weight.mul_(s_o)
+            output.linear.weight.mul_(s_o)
             smoothed += 2
-    return smoothed
+    return {"smoothed_linears": smoothed, "skipped": skipped}
 
 
 class Smooth:
@@ -107,13 +108,18 @@ class Smooth:
         facts: dict[str, Any] = {"max_outlier_ratio_before": round(max(e["outlier_ratio"] for e in stats.values()), 1)}
         if settings.smoothquant_alpha is not None:
             try:
-                count = smooth_model(state.model, stats, settings.smoothquant_alpha)
+                result = smooth_model(state.model, stats, settings.smoothquant_alpha)
             except (KeyError, AttributeError) as exc:
-                raise StageError(self.name, f"this model's layers do not have the Llama shape SmoothQuant expects ({exc})",
+                from edgelm.arch import for_model
+
+                raise StageError(self.name, f"{for_model(state.model).name}: this model's layers do not have the shape "
+                                 f"its family's arch describes, so SmoothQuant cannot fold its scales ({exc})",
                                  hint="set quantization.smoothquant_alpha: null in the profile") from exc
             stats = collect_input_stats(state.model, token_ids, report)
-            facts.update({"alpha": settings.smoothquant_alpha, "smoothed_linears": count,
+            facts.update({"alpha": settings.smoothquant_alpha, "smoothed_linears": result["smoothed_linears"],
                           "max_outlier_ratio_after": round(max(e["outlier_ratio"] for e in stats.values()), 1)})
+            if result["skipped"]:
+                facts["unsmoothed_inputs"] = result["skipped"]
         # ranks the weight MatMuls for mixed precision: the most outlier-heavy inputs suffer most from 8 bits
         state.activation_stats = {name: entry["outlier_ratio"] for name, entry in stats.items()}
         state.activation_ranges = {name: (entry["min"], entry["max"]) for name, entry in stats.items()}
