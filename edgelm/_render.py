@@ -210,13 +210,21 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         return (f"{', '.join(graphs)}: every op in allowed_ops ({facts['allowed_ops']} listed)"
                 f"{', every dimension static' if all(g['static'] for g in graphs.values()) else ''}")
     if name == "package":
-        return f"{facts['size_mb']} MB"
+        split = facts.get("size_split")
+        return f"{facts['size_mb']} MB" + (f" ({size_split_note(split)})" if split else "")
     if name == "quality":
         where = "" if facts.get("measured_on", facts.get("provider")) == facts.get("provider") else \
             f" (on {facts['measured_on']}: no {facts['provider']} here)"
         return (f"ppl {facts['perplexity']:.2f} vs {facts['reference_perplexity']:.2f} "
                 f"(x{facts['perplexity_ratio']:.3f}), top-1 {facts['top1_agreement']:.3f}{where}")
     return ""
+
+
+def size_split_note(split: dict[str, Any]) -> str:
+    """model.onnx's weights by role; a tied head shares the embedding's bytes, counted once."""
+    mb = lambda value: f"{value:.1f}" if value >= 10 else f"{value:.2f}"  # noqa: E731
+    head = "head tied to the embedding (counted once)" if split["head_tied"] else f"head {mb(split['head_mb'])} MB"
+    return f"embedding {mb(split['embedding_mb'])} MB, layers {mb(split['layers_mb'])} MB, {head}"
 
 
 def precision(profile: Any) -> str:
@@ -266,7 +274,8 @@ def manifest_summary(manifest: Manifest) -> Table:
     for adapter in manifest.adapters:
         table.add_row("adapter", f"{adapter['path']} x{adapter['weight']:g} ({adapter.get('variant', 'lora')}, "
                                  f"sha256 {adapter['sha256'][:12]}, merge diff {adapter['merge_max_abs_diff']:.1e})")
-    table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files")
+    split = stages.get("package", {}).get("size_split")
+    table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files" + (f"; {size_split_note(split)}" if split else ""))
     table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
                              f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")
     if manifest.static is not None:

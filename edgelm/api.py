@@ -29,7 +29,7 @@ from edgelm.stages.fuse import FuseGraph
 from edgelm.stages.adapters import MergeAdapters, read_adapters
 from edgelm.stages.awq import ActivationAwareScales
 from edgelm.stages.calibration import read_calibration_file
-from edgelm.stages.load import LoadModel, locate_model, model_config, source_fingerprint
+from edgelm.stages.load import LoadModel, context_length, locate_model, looks_like_hub_name, model_config, source_fingerprint
 from edgelm.stages.package import Package, finalize_manifest
 from edgelm.stages.prune import Prune, check_prune_fits
 from edgelm.stages.quantize import Quantize
@@ -65,7 +65,8 @@ def plan_build(profile: str | None = None, recipe: str | Path | None = None, mod
     stored in the manifest rebuilds from anywhere."""
     if from_bundle is not None and recipe is not None:
         raise ConfigError("--from-bundle and --recipe both give a plan", hint="pass one of them")
-    merged = {"model": _absolute(model), **(overrides or {})}
+    # org/name (not a local path) stays as given: locate_model resolves it in the Hugging Face cache
+    merged = {"model": model if model and looks_like_hub_name(model) else _absolute(model), **(overrides or {})}
     if adapters:
         merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"])} for parsed in map(parse_adapter, adapters)]
     if from_bundle is not None:
@@ -123,10 +124,13 @@ def _absolute(path: str | None) -> str | None:
 
 
 def preflight(plan: BuildPlan) -> None:
-    """Check the user's inputs before any heavy work, so a typo fails in a second, not a minute."""
+    """Check the user's inputs before any heavy work, so a typo fails in a second, not a minute:
+    the model (a path or a cached org/name), its family and context (the load stage reuses the config)."""
     locate_model(plan.model)
+    config = model_config(plan.model)
+    context_length(config, plan.max_seq_len, plan.model)
     if plan.prune is not None:
-        check_prune_fits(plan.prune, model_config(plan.model))
+        check_prune_fits(plan.prune, config)
     read_adapters(plan.adapters)
     if plan.calibration.source != "builtin":
         read_calibration_file(Path(plan.calibration.source))

@@ -83,8 +83,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
-def save_tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
-    """A tiny random model of `family` from that family's own transformers config class."""
+def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random model of `family` from that family's own transformers config class
+    (`overrides`: config fields over FAMILY_CONFIGS[family])."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -95,7 +96,7 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0) -> Path:
     fields = {"vocab_size": backend.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
               "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-              "pad_token_id": tokenizer.pad_token_id, **FAMILY_CONFIGS[family]}
+              "pad_token_id": tokenizer.pad_token_id, **FAMILY_CONFIGS[family], **overrides}
     config = AutoConfig.for_model(family, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -222,6 +223,114 @@ def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
     if "lm_head.weight" in weights:  # absent when tied: the loader then ties output to token_embd
         writer.add_tensor("output.weight", weights["lm_head.weight"])
 
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# llama.cpp's GGUF architecture per family (convert_hf_to_gguf.py writes Mistral as llama). transformers
+# reads GGUF for these; SmolLM3 has no GGUF mapping in transformers.
+GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gemma3_text": "GEMMA3",
+              "phi3": "PHI3"}
+# What a GGUF cannot state, so a family's tiny model for a GGUF round trip leaves it at what llama.cpp
+# assumes: Gemma 3's sliding/global pattern is fixed (every 6th layer global), its attention scale is
+# 1/sqrt(head_dim) and it has no soft-caps (the converter asserts none).
+GGUF_FAMILY_OVERRIDES: dict[str, dict] = {
+    "gemma3_text": {"num_hidden_layers": 6, "query_pre_attn_scalar": 16, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]},
+}
+
+
+def save_tiny_family_gguf(model_dir: Path, path: Path, family: str) -> Path:
+    """Write the safetensors model of `family` in `model_dir` as one F32 GGUF, as llama.cpp's
+    convert_hf_to_gguf.py does: gguf-py's tensor names, q/k rows permuted for the llama architecture
+    only, Gemma's (1 + w) norms stored as w + 1 and its tied head left out, Phi-3's partial rotary
+    as rope.dimension_count and longrope as rope_factors_{long,short} tensors, key_length = head_dim."""
+    import json
+    import math
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHS[family])
+    n_head, n_head_kv, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
+    head_dim, layers = config.get("head_dim") or hidden // n_head, config["num_hidden_layers"]
+    rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: rope.freq_base is the global layers' theta
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(model_dir.name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("head_dim"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    extra = {}
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        writer.add_rope_dimension_count(head_dim)
+        if rope.get("rope_type") == "llama3":  # the converter's rope_freqs (its original context: rope_parameters')
+            from edgelm.stages.gguf_config import _llama3_factors
+
+            extra = {"rope_freqs.weight": np.asarray(_llama3_factors(
+                rope["rope_theta"], head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                rope["original_max_position_embeddings"]), np.float32)}
+    elif arch == gguf.MODEL_ARCH.GEMMA3:
+        writer.add_sliding_window(config["sliding_window"])
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+    elif arch == gguf.MODEL_ARCH.PHI3:
+        original = rope.get("original_max_position_embeddings") or config["original_max_position_embeddings"]
+        writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * hidden) // n_head)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(config.get("sliding_window") or 0)
+        if rope.get("long_factor"):
+            scale = config["max_position_embeddings"] / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+            extra = {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+                     "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
+
+    id_to_token = {index: token for token, index in tokenizer["model"]["vocab"].items()}
+    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
+    for added in tokenizer["added_tokens"]:
+        id_to_token[added["id"]] = added["content"]
+    tokens = [id_to_token[index] for index in range(config["vocab_size"])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
+                            for index in range(len(tokens))])
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+    names = gguf.get_tensor_name_map(arch, layers)
+    for name, data in load_file(str(model_dir / "model.safetensors")).items():
+        if arch == gguf.MODEL_ARCH.GEMMA3 and name == "lm_head.weight":
+            continue
+        module, suffix = name.rsplit(".", 1)
+        target = names.get_name(module)
+        assert target, f"no GGUF name for {name}"
+        if arch == gguf.MODEL_ARCH.LLAMA and target.endswith(".attn_q"):
+            data = _permute_rows(data, n_head, n_head)
+        elif arch == gguf.MODEL_ARCH.LLAMA and target.endswith(".attn_k"):
+            data = _permute_rows(data, n_head, n_head_kv)
+        elif arch == gguf.MODEL_ARCH.GEMMA3 and module.endswith("norm"):
+            data = data + np.float32(1.0)
+        writer.add_tensor(f"{target}.{suffix}", data)
+    for name, data in extra.items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -66,7 +66,7 @@ class StaticQDQ(Frozen):
     smoothquant_alpha: float | None = Field(None, ge=0.0, le=1.0)
     # "auto": keep the fewest weight MatMuls in fp32 that meet the quality gates (needs a gate).
     mixed_precision: Literal["off", "auto"] = "off"
-    # Weight MatMuls kept in float, by PyTorch module path substring ("down_proj", "layers.0.").
+    # Weight MatMuls kept in float, by PyTorch module path substring (e.g. "layers.0.", "mlp.").
     keep_float: tuple[str, ...] = ()
     # weight-matmuls: QDQ on the inputs of weight MatMuls only, the rest float (CPUs: measured best);
     # all: QDQ on every op with onnxruntime's QNN rules (get_qnn_qdq_config), what an NPU runs.
@@ -93,7 +93,7 @@ class WeightOnly(Frozen):
     # before export, so the channels that matter get finer steps. The fp32 function is unchanged.
     activation_aware: bool = False
     keep_float: tuple[str, ...] = ()
-    # In a 4-bit build, MatMuls kept at 8 bits, by module path substring ("down_proj", "lm_head"):
+    # In a 4-bit build, MatMuls kept at 8 bits, by module path substring (e.g. "mlp.", "lm_head"):
     # llama.cpp's Q4_K_M does the same with 6 bits for its most sensitive tensors.
     keep_int8: tuple[str, ...] = ()
 

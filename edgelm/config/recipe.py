@@ -99,7 +99,7 @@ class PruneSettings(Frozen):
     allocation: Literal["uniform", "global"] = "uniform"
     kv_groups_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="KV heads removed, with their query heads")
     # structured + wanda: the removed channels' mean output (on calibration text) is kept as a bias of
-    # down_proj / o_proj (FLAP's bias compensation), and channels are ranked by their fluctuation
+    # the MLP's and attention's output projections (FLAP's bias compensation); channels ranked by fluctuation
     compensate: bool = False
     drop_layers: tuple[int, ...] = ()
     sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="unstructured: weights zeroed per output row")

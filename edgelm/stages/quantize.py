@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
-    """{node name: module path} of MatMuls with a constant weight, e.g. "model.layers.3.mlp.down_proj"."""
+    """{node name: module path} of MatMuls with a constant weight, e.g. "layers.3.mlp.<projection>"."""
     initializers = {init.name for init in model.graph.initializer}
     return {n.name: module_path(n) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
 
@@ -41,7 +41,7 @@ def module_path(node: onnx.NodeProto) -> str:
     modules = [part.split(":")[0].strip() for part in namespace.split("/") if "torch.nn.modules" in part]
     if not modules:
         return node.name
-    path = modules[-1]  # e.g. "model.model.layers.3.mlp.down_proj" (export wrapper + HF model)
+    path = modules[-1]  # the export wrapper's and the HF model's prefixes, then "layers.3.mlp.<projection>"
     return path[path.index("layers."):] if "layers." in path else path
 
 
@@ -116,7 +116,8 @@ class Quantize:
                 # quantizer that untyped tensors are float. Not CalibMaxIntermediateOutputs: in
                 # onnxruntime 1.31 it discards each full batch of ranges instead of merging it.
                 # Only MatMul *inputs* get QDQ: by default the QDQ quantizer also quantizes MatMul outputs,
-                # i.e. the residual stream after o_proj/down_proj (measured: ratio 3.27 with, see README).
+                # i.e. the residual stream after the attention output and MLP down projections (measured:
+                # ratio 3.27 with, see README).
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": ["MatMul"],
                                **streaming},
             )

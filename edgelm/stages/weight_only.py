@@ -8,7 +8,9 @@ activation outlier only costs its own block (the weakness of static per-tensor i
 The tied LM head reaches its MatMul through a Transpose of the embedding, which the quantizer
 skips ("MatMul doesn't have const weight": ~113 MB left fp32 on SmolLM2). `untie_lm_head` gives
 the head its own constant weight first; the embedding Gather keeps the original (float, or
-4-bit GatherBlockQuantized when `embeddings: int4`)."""
+4-bit GatherBlockQuantized when `embeddings: int4`). The head and the embedding are found from
+the graph (graph_roles.py: the MatMul producing the logits, the Gather on input_ids), so tied and
+untied heads of every family are treated alike, whatever their module is called."""
 
 from __future__ import annotations
 
@@ -58,11 +60,14 @@ def untie_lm_head(model: onnx.ModelProto) -> list[str]:
 def select_matmuls(graph: onnx.ModelProto, settings: WeightOnly) -> tuple[list[str], list[str], list[str], bool]:
     """Untie the LM head when it is to be quantized, then split the weight MatMuls by the profile:
     (to quantize, of those at 8 bits, kept float, whether the head is quantized)."""
+    from edgelm.stages.graph_roles import GraphRoles
     from edgelm.stages.quantize import weight_matmuls
 
-    untied = untie_lm_head(graph) if settings.lm_head == "quantized" else []
+    if settings.lm_head == "quantized":
+        untie_lm_head(graph)
     candidates = weight_matmuls(graph)
-    heads = set(untied) | {n for n, module in candidates.items() if module.endswith("lm_head")}
+    head = GraphRoles(graph.graph).head_node()
+    heads = {head.name} & set(candidates) if head is not None else set()
     kept = [n for n, module in candidates.items()
             if any(p in module for p in settings.keep_float) or (settings.lm_head == "float" and n in heads)]
     chosen = [n for n in candidates if n not in kept]
@@ -126,8 +131,12 @@ def quantize_weight_only(model: onnx.ModelProto, settings: WeightOnly, matmuls: 
         result = _quantize_matmuls(result, eight_bit, list(int8_matmuls))
     result = _quantize_matmuls(result, settings, [n for n in matmuls if n not in set(int8_matmuls)])
     if settings.embeddings == "int4":
-        gathers = nbits.MatMulNBitsQuantizer(
-            result, algo_config=nbits.DefaultWeightOnlyQuantConfig(
+        from edgelm.stages.graph_roles import GraphRoles
+
+        embedding = {n.name for n in GraphRoles(result.graph).embedding_nodes()}
+        others = [n.name for n in result.graph.node if n.op_type == "Gather" and n.name not in embedding]
+        gathers = nbits.MatMulNBitsQuantizer(  # the token embedding only, never a constant table another Gather reads
+            result, nodes_to_exclude=others, algo_config=nbits.DefaultWeightOnlyQuantConfig(
                 block_size=settings.block_size, is_symmetric=settings.symmetric, bits=4, op_types_to_quantize=("Gather",),
                 quant_axes=(("Gather", 1),)))
         gathers.process()
