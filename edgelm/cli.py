@@ -73,7 +73,7 @@ _PRUNE_HELP = "Remove this fraction of every MLP's channels (structured pruning;
 def build(
     output: Path = typer.Option(..., "-o", "--output", help="Bundle folder to write."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Device profile name or .yaml path (default cpu-int8)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder, .gguf file or org/name in the local HF cache (default: SmolLM2-135M-Instruct)."),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help=_ADAPTER_HELP),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe .yaml."),
     from_bundle: Optional[Path] = typer.Option(None, "--from-bundle", help=_FROM_BUNDLE_HELP),

@@ -156,8 +156,16 @@ def load_recipe(path: str | Path) -> Recipe:
             return value
         return str((base / value).resolve())
 
+    def local_model(value: str | None) -> str | None:
+        from edgelm.stages.load import looks_like_hub_name
+
+        # `org/name` with no such folder beside the recipe: a Hugging Face cache name
+        if value and not (base / value).exists() and looks_like_hub_name(value):
+            return value
+        return local(value)
+
     return recipe.model_copy(update={
-        "model": local(recipe.model),
+        "model": local_model(recipe.model),
         "adapters": tuple(a.model_copy(update={"path": local(a.path)}) for a in recipe.adapters),
         "calibration": recipe.calibration.model_copy(update={"source": local(recipe.calibration.source)}),
         "quality": recipe.quality.model_copy(update={"eval_text": local(recipe.quality.eval_text)}),

@@ -145,3 +145,14 @@ def test_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
     assert not load.looks_like_hub_name("models/x")
     with pytest.raises(ModelLoadError, match="no config.json"):
         load.locate_model("models/x")
+
+
+def test_recipe_model_may_be_a_hub_name(family_model_dirs, tmp_path, monkeypatch):
+    """`model: org/name` in a recipe stays a cache name unless that folder exists beside the recipe."""
+    from edgelm.config.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-org/tiny-qwen3\n")
+    assert load_recipe(recipe).model == "tiny-org/tiny-qwen3"
+    (tmp_path / "tiny-org" / "tiny-qwen3").mkdir(parents=True)
+    assert load_recipe(recipe).model == str((tmp_path / "tiny-org" / "tiny-qwen3").resolve())
