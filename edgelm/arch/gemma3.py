@@ -40,7 +40,9 @@ class Gemma3Text(DecoderArch):
         return config.query_pre_attn_scalar ** -0.5
 
     def attention_softcap(self, config: Any) -> float | None:
-        return getattr(config, "attn_logit_softcapping", None)
+        # transformers' Gemma3Attention never passes config.attn_logit_softcapping to its attention
+        # function (Gemma 2's does): Gemma 3's scores are uncapped whatever the config says (measured)
+        return None
 
     def final_softcap(self, config: Any) -> float | None:
         return getattr(config, "final_logit_softcapping", None)

@@ -4,7 +4,10 @@ Exporter: `torch.onnx.export(dynamo=True)` over a small wrapper that takes flat 
 builds a DynamicCache. Chosen because it traces the model exactly as the installed transformers
 runs it (optimum-onnx 0.1 needs transformers < 4.58 and silently exports SmolLM2 with the wrong
 rope_theta), keeps tied embeddings as one initializer, and gives one graph for prefill (empty
-past) and decode. Parity with PyTorch, with and without past, is checked here, every build."""
+past) and decode. Parity with PyTorch, with and without past, is checked here, every build.
+
+The fused route (fused_export.py, GroupQueryAttention) is taken for every family it can express;
+a model it cannot express comes here, the reason recorded as the export's `fused_refused` fact."""
 
 from __future__ import annotations
 
@@ -65,7 +68,11 @@ def _decoder_wrapper(model: Any, num_layers: int) -> Any:
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # Full-length layers for every layer, sliding ones included: the bundle's KV layout is
+            # one uniform full-length cache per layer (DynamicCache(config=...) would make sliding
+            # layers that drop the keys a window has passed); the model's own mask still applies
+            # the window to them.
+            cache = DynamicCache()
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.arch import for_model
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import PARITY_TEXT, export_failure, io_names, kv_shape
-from edgelm.stages.fused_export import fused_export_refusal
 from edgelm_runtime.bundle import ModelIO, StaticLayout
 
 logger = logging.getLogger(__name__)
@@ -44,47 +44,68 @@ def static_decoder(model: Any, seq: int, window: int, positions: int, projection
     ids and positions (1, seq) int32, bias (1, 1, seq, window + seq), past (1, kv_heads, window,
     head_dim), logits (1, seq, vocab), new rows (1, kv_heads, seq, head_dim).
 
+    Everything family-specific comes from the arch (edgelm.arch): role weights (a packed Linear
+    runs once, then splits), norms before and after each branch, q/k norms, per-layer rotary
+    tables (none for NoPE layers; partial rotary), attention scale and soft-cap, the embedding
+    (its scale inside) and the final soft-cap.
+
     projections "conv1x1": every Linear (and the LM head) as a 1x1 Conv over (1, features, 1, seq),
     because QNN's HTP quantizes Conv weights per output channel but MatMul weights only per
     tensor (measured on SmolLM2, 16-bit activations: ratio 1.077 per tensor, 1.036 per channel)."""
     import torch
 
-    config, inner = model.config, model.model
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    groups, span = heads // kv_heads, window + seq
+    from edgelm.arch.base import ATTENTION_INPUT, MLP_INPUT
 
-    def norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-        # one RMSNormalization op (opset 23): decomposed into Pow/ReduceMean/Sqrt, each with its own
-        # 16-bit scale, the squares of the residual stream's outliers wiped out every other channel
-        # (perplexity ratio 2600 on SmolLM2, measured); fused, the NPU computes it at full precision
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    arch, config = for_model(model), model.config
+    layers, head = arch.layers(model), arch.head(model)
+    attentions = [arch.attention(config, i) for i in range(len(layers))]
+    tables = arch.rotary_tables(model, positions)
+    table_keys = sorted({a.rotary for a in attentions if a.rotary is not None})
+    span = window + seq
 
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = head_dim // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        width = cos.shape[-1]  # the rotary dims; the rest of each head passes through (partial rotary)
+        half, rotary = width // 2, x[..., :width]
+        out = rotary * cos + torch.cat([-rotary[..., half:], rotary[..., :half]], dim=-1) * sin
+        return out if width == x.shape[-1] else torch.cat([out, x[..., width:]], dim=-1)
 
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed_tokens = inner.embed_tokens
-            self.layers = inner.layers
-            self.norm = inner.norm
+            self.embedding = arch.embedding(model)
+            self.layers = layers
+            self.final_norm = arch.final_norm(model)
+            self.softcap = arch.final_softcap(config)
             # The weights as the constants the projections take: (out, in, 1, 1) kernels for 1x1
             # Convs (views, no copy), and the LM head its own constant: reached through the tied
             # embedding's Transpose, or an in-graph Unsqueeze, QDQ would quantize them as activations.
             self.kernel_names: dict[int, str] = {}
-            linears = [m for layer in inner.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-            for index, module in enumerate([*linears, model.lm_head]):
+            for index, module in enumerate([*arch.layer_linears(model).values(), head]):
                 weight = module.weight.detach()
                 self.register_buffer(f"kernel_{index}", weight[:, :, None, None] if projections == "conv1x1" else
-                                     (weight.clone() if module is model.lm_head else weight), persistent=False)
+                                     (weight.clone() if module is head else weight), persistent=False)
                 self.kernel_names[id(module)] = f"kernel_{index}"
-            with torch.no_grad():
-                cos, sin = inner.rotary_emb(self.embed_tokens.weight[:1], torch.arange(positions)[None])
-            self.register_buffer("cos", cos[0].float().contiguous())
-            self.register_buffer("sin", sin[0].float().contiguous())
+            # norm weights as the norm multiplies by them: (1 + w) for Gemma's, folded here once
+            self.norm_names: dict[int, str] = {}
+            norms = [self.final_norm]
+            for layer in layers:
+                found = arch.norms(layer)
+                norms += [found.attention_in, found.attention_out, found.mlp_in, found.mlp_out, *(arch.head_norms(layer) or ())]
+            for index, module in enumerate(m for m in norms if m is not None):
+                self.register_buffer(f"norm_{index}", (module.weight.detach() + arch.norm_offset).contiguous(),
+                                     persistent=False)
+                self.norm_names[id(module)] = f"norm_{index}"
+            for index, key in enumerate(table_keys):
+                cos, sin = tables[key]
+                self.register_buffer(f"cos_{index}", cos.float().contiguous())
+                self.register_buffer(f"sin_{index}", sin.float().contiguous())
+
+        def norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+            # one RMSNormalization op (opset 23): decomposed into Pow/ReduceMean/Sqrt, each with its own
+            # 16-bit scale, the squares of the residual stream's outliers wiped out every other channel
+            # (perplexity ratio 2600 on SmolLM2, measured); fused, the NPU computes it at full precision
+            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), getattr(self, self.norm_names[id(module)]), eps)
 
         def linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
             """x (1, seq, in) through `module` (a Linear)."""
@@ -96,34 +117,53 @@ def static_decoder(model: Any, seq: int, window: int, positions: int, projection
                 return y.squeeze(2).transpose(1, 2)
             return torch.nn.functional.linear(x, kernel, module.bias)
 
-        def mlp(self, module: Any, x: torch.Tensor) -> torch.Tensor:
-            linear = self.linear
-            return linear(module.down_proj, module.act_fn(linear(module.gate_proj, x)) * linear(module.up_proj, x))
+        def roles(self, layer: Any, roles: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+            """The outputs of `roles` on x: each Linear runs once, a packed one then splits by rows."""
+            weights = [arch.role(layer, role, config) for role in roles]
+            outputs: dict[int, torch.Tensor] = {}
+            for weight in weights:
+                if id(weight.linear) not in outputs:
+                    outputs[id(weight.linear)] = self.linear(weight.linear, x)
+            return [outputs[id(w.linear)] if w.rows == slice(0, w.linear.out_features) else
+                    outputs[id(w.linear)][..., w.rows] for w in weights]
 
         def forward(self, input_ids, position_ids, attention_bias, *past):
-            linear = self.linear
-            hidden = self.embed_tokens(input_ids)
-            # (1, 1, seq, head_dim), as Gather (fancy indexing exports GatherND, which takes no int32)
-            cos = torch.nn.functional.embedding(position_ids, self.cos)[:, None]
-            sin = torch.nn.functional.embedding(position_ids, self.sin)[:, None]
+            hidden = self.embedding(input_ids)
+            # (1, 1, seq, rotary_dim) per table, as Gather (fancy indexing exports GatherND, which takes no int32)
+            rotary = [(torch.nn.functional.embedding(position_ids, getattr(self, f"cos_{i}"))[:, None],
+                       torch.nn.functional.embedding(position_ids, getattr(self, f"sin_{i}"))[:, None])
+                      for i in range(len(table_keys))]
             present = []
-            for i, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                x = norm(layer.input_layernorm, hidden)
-                q = linear(attn.q_proj, x).view(1, seq, heads, head_dim).transpose(1, 2)
-                k = linear(attn.k_proj, x).view(1, seq, kv_heads, head_dim).transpose(1, 2)
-                v = linear(attn.v_proj, x).view(1, seq, kv_heads, head_dim).transpose(1, 2)
-                q, k = rotate(q, cos, sin) * attn.scaling, rotate(k, cos, sin)
-                keys, values = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
+            for i, (layer, facts) in enumerate(zip(self.layers, attentions)):
+                heads, kv_heads, head_dim = facts.heads, facts.kv_heads, facts.head_dim
+                groups, norms, head_norms = heads // kv_heads, arch.norms(layer), arch.head_norms(layer)
+                q, k, v = self.roles(layer, ATTENTION_INPUT, self.norm(norms.attention_in, hidden))
+                q = q.view(1, seq, heads, head_dim).transpose(1, 2)
+                k = k.view(1, seq, kv_heads, head_dim).transpose(1, 2)
+                v = v.view(1, seq, kv_heads, head_dim).transpose(1, 2)
+                if head_norms is not None:
+                    q, k = self.norm(head_norms[0], q), self.norm(head_norms[1], k)
+                if facts.rotary is not None:
+                    cos, sin = rotary[table_keys.index(facts.rotary)]
+                    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                q = q * facts.scale
+                cached_keys, values = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
                 # query heads h = kv * groups + g share KV head kv: fold the groups into the rows
-                scores = q.reshape(1, kv_heads, groups * seq, head_dim) @ keys.transpose(2, 3)
-                scores = scores.reshape(1, heads, seq, span) + attention_bias
-                probs = torch.softmax(scores, dim=-1).reshape(1, kv_heads, groups * seq, span)
+                scores = (q.reshape(1, kv_heads, groups * seq, head_dim) @ cached_keys.transpose(2, 3)).reshape(1, heads, seq, span)
+                if facts.softcap:
+                    scores = torch.tanh(scores / facts.softcap) * facts.softcap
+                probs = torch.softmax(scores + attention_bias, dim=-1).reshape(1, kv_heads, groups * seq, span)
                 out = (probs @ values).reshape(1, heads, seq, head_dim).transpose(1, 2).reshape(1, seq, heads * head_dim)
-                hidden = hidden + linear(attn.o_proj, out)
-                hidden = hidden + self.mlp(layer.mlp, norm(layer.post_attention_layernorm, hidden))
+                out = self.linear(arch.role(layer, "o", config).linear, out)
+                hidden = hidden + (self.norm(norms.attention_out, out) if norms.attention_out is not None else out)
+                gate, up = self.roles(layer, MLP_INPUT, self.norm(norms.mlp_in, hidden))
+                out = self.linear(arch.role(layer, "down", config).linear, arch.mlp_activation(layer)(gate) * up)
+                hidden = hidden + (self.norm(norms.mlp_out, out) if norms.mlp_out is not None else out)
                 present += [k, v]
-            return (linear(model.lm_head, norm(self.norm, hidden)), *present)
+            logits = self.linear(head, self.norm(self.final_norm, hidden))
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return (logits, *present)
 
     return Decoder().eval()
 
@@ -186,7 +226,9 @@ class ExportStatic:
         settings = state.plan.profile.export
         if not settings.static_shapes:
             return {"skipped": "dynamic shapes"}
-        refusal = fused_export_refusal(state.model)  # the static graphs take the same module layout
+        # one attention bias serves every layer; a query sees at most kv_window positions (the
+        # bundle's context limit), so a sliding window at least that long never cuts anything
+        refusal = for_model(state.model).static_refusal(state.model, settings.kv_window)
         if refusal:
             raise StageError(self.name, f"this model cannot be exported with static shapes: {refusal}",
                              hint="use a dynamic-shape profile (cpu-int8, gpu-fp16) for this model")

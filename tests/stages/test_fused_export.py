@@ -77,12 +77,19 @@ def test_fused_and_generic_bundles_generate_the_same_tokens(tiny_bundle, generic
     assert list(fused) == list(generic)
 
 
-def test_models_outside_the_llama_pattern_fall_back_with_the_reason():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_models_the_fused_route_cannot_express_fall_back_with_the_reason():
+    """The arch drives the route, so a GELU MLP is expressible; what GroupQueryAttention cannot
+    compute (bidirectional attention, an unknown architecture) is refused with the reason."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from edgelm.stages.fused_export import fused_export_refusal
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")
-    assert "hidden_act gelu" in fused_export_refusal(LlamaForCausalLM(config))
-    assert fused_export_refusal(LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "hidden_act": "silu"}))) is None
+    assert fused_export_refusal(LlamaForCausalLM(config)) is None
+    gemma = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                             num_attention_heads=4, num_key_value_heads=2, use_bidirectional_attention=True)
+    assert "bidirectional" in fused_export_refusal(Gemma3ForCausalLM(gemma))
+    unknown = LlamaForCausalLM(config)
+    unknown.config.model_type = "not-a-family"
+    assert "not supported" in fused_export_refusal(unknown)
