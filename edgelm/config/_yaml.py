@@ -13,6 +13,10 @@ from edgelm.errors import ConfigError
 Model = TypeVar("Model", bound=BaseModel)
 
 
+# where each kind of file's fields are documented
+_DOCS = {"profile": "docs/device-profiles.md", "recipe": "docs/recipes-and-adapters.md"}
+
+
 def load_yaml_model(path: Path, kind: type[Model], what: str) -> Model:
     try:
         text = path.read_text(encoding="utf-8")
@@ -28,7 +32,7 @@ def load_yaml_model(path: Path, kind: type[Model], what: str) -> Model:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}:{where} YAML syntax error: {problem}", hint="fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level", hint=f"see the README for the {what} format")
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level", hint=f"see {_DOCS.get(what, 'README.md')} for the {what} format")
     return validate(data, kind, str(path), what)
 
 
@@ -36,7 +40,7 @@ def validate(data: dict, kind: type[Model], source: str, what: str) -> Model:
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {describe_validation_error(exc)}", hint=f"see the README for the {what} fields") from None
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}", hint=f"see {_DOCS.get(what, 'README.md')} for the {what} fields") from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -24,7 +24,7 @@ class ExportSettings(Frozen):
     static_shapes: bool = False
     # fused: packed QKV + GroupQueryAttention (rotary and KV append inside) + packed gate/up, for
     # Llama-family decoders (others fall back to generic, said in the build facts); generic: the
-    # plain dynamo export. Measured on SmolLM2 (README, "Performance").
+    # plain dynamo export. Measured on SmolLM2 (docs/performance.md).
     graph: Literal["fused", "generic"] = "fused"
     parity_atol: float = Field(1e-3, gt=0, description="max |logits| difference ONNX fp32 vs PyTorch")
     # static_shapes (NPUs): two fixed-shape graphs, a prefill chunk of `prefill_len` tokens (the

@@ -50,7 +50,7 @@ class CheckQuality:
             hint = "no bundle was written; use a higher-precision profile or relax quality.* in the recipe"
             prune = state.plan.prune
             if prune is not None and prune.kind == "structured" and prune.recover is None:
-                # measured: a pruned, unrecovered model quantizes worse; distillation restores it (README, Pruning)
+                # measured: a pruned, unrecovered model quantizes worse; distillation restores it (docs/pruning.md)
                 hint += ", or recover the pruned model first (prune.recover: {steps: 300})"
             raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures), hint=hint)
         return metrics

@@ -117,7 +117,7 @@ class Quantize:
                 # onnxruntime 1.31 it discards each full batch of ranges instead of merging it.
                 # Only MatMul *inputs* get QDQ: by default the QDQ quantizer also quantizes MatMul outputs,
                 # i.e. the residual stream after the attention output and MLP down projections (measured:
-                # ratio 3.27 with, see README).
+                # ratio 3.27 with, see docs/fidelity.md).
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "OpTypesToExcludeOutputQuantization": ["MatMul"],
                                **streaming},
             )
