@@ -78,7 +78,10 @@ def main() -> None:
     # random weights: the quality gates are meaningless, so they are opened wide; the build still measures them
     recipe.write_text("max_seq_len: 512\ncalibration: {samples: 8, max_prompt_tokens: 64}\n"
                       "quality: {windows: 2, window_len: 128, max_perplexity_ratio: 1000.0, min_top1_agreement: 0.0}\n")
-    print(f"host: {platform.processor() or platform.machine()}, {platform.platform()}")
+    from edgelm_runtime.hardware import host_features
+
+    host = host_features()
+    print(f"host: {host['cpu']} ({host['machine']}, {', '.join(host['isa'])}), {platform.platform()}")
     rows = []
     for name in args.models:
         folder = args.output / "models" / name
