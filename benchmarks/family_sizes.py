@@ -90,7 +90,7 @@ def main() -> None:
             out = args.output / "bundles" / f"{name}-{profile}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            report = api.build(api.plan_build(profile, recipe, str(folder), out.name), out)
+            report = api.build(api.plan_build(profile=profile, recipe=recipe, model=str(folder), name=out.name), out)
             split = report.facts["package"]["size_split"]
             rows.append({"model": name, "layers": f"{args.layers} of {depth}", "params_m": round(params / 1e6, 1),
                          "profile": profile, "route": report.facts["export"]["graph"],

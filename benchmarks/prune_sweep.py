@@ -57,7 +57,7 @@ def main() -> None:
             recipe.write_text(yaml.safe_dump({"prune": prune, "quality": {"max_perplexity_ratio": 1.5,
                                                                           "min_top1_agreement": 0.5}}))
             print(f"building {name} ...", flush=True)
-            api.build(api.plan_build(args.profile, recipe, args.model, name), bundle)
+            api.build(api.plan_build(profile=args.profile, recipe=recipe, model=args.model, name=name), bundle)
         bundles.append(bundle)
     timings = {Path(row["path"]).name: row for row in bench(bundles, threads=args.threads, repeats=args.repeats)["bundles"]}
     rows = []

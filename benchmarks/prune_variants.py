@@ -40,7 +40,7 @@ def main() -> None:
             name, _, body = spec.partition(":")
             recipe = Path(scratch) / "r.yaml"
             recipe.write_text(yaml.safe_dump({"prune": yaml.safe_load(body) or {}}))
-            state = BuildState(plan=api.plan_build("cpu-fp32", recipe, args.model), work_dir=Path(scratch),
+            state = BuildState(plan=api.plan_build(profile="cpu-fp32", recipe=recipe, model=args.model), work_dir=Path(scratch),
                                bundle_dir=Path(scratch))
             if base is None:
                 LoadModel().run(state, no_progress)

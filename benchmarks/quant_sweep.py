@@ -25,8 +25,8 @@ import edgelm_runtime as er
 from edgelm.config.profile import WeightOnly
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows
-from edgelm.stages.quantize import save_external
-from edgelm.stages.weight_only import quantize_weight_only, select_matmuls
+from edgelm.quant.graph import save_external
+from edgelm.quant.matmul_nbits import quantize_weight_only, select_matmuls
 from edgelm_runtime.bundle import describe_files, read_manifest, write_manifest
 from edgelm_runtime.bench import bench
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgelm_runtime.bundle import Manifest
@@ -63,6 +64,33 @@ class StepProgress(BuildProgress):
         super().__init__(console, ())
 
 
+class BenchProgress:
+    """One bar for edgelm bench; `update` is the runtime bench's progress callback."""
+
+    def __init__(self, console: Console, transient: bool = False) -> None:
+        self._progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console, transient=transient)
+        self._task = self._progress.add_task("loading bundles", total=None)
+
+    def __enter__(self) -> BenchProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def update(self, what: str, done: float, total: float | None) -> None:
+        self._progress.update(self._task, description=what, completed=done, total=total)
+
+
+def _keep_digits(table: Table) -> Table:
+    """A column too narrow folds its cells onto more lines instead of cutting them to `22…`."""
+    for column in table.columns:
+        if not column.no_wrap:
+            column.overflow = "fold"
+    return table
+
+
 def eval_table(result: dict[str, Any]) -> Table:
     table = Table("metric", "bundle", "reference", title=f"edgelm eval: {result['bundle']} vs {result['reference']}")
     table.add_row("perplexity", f"{result['perplexity']:.3f}", f"{result['reference_perplexity']:.3f}")
@@ -72,7 +100,7 @@ def eval_table(result: dict[str, Any]) -> Table:
     for name, task in result["tasks"].items():
         table.add_row(f"{name} accuracy (n={task['n']})", f"{task['accuracy']:.3f}", f"{task['reference_accuracy']:.3f}")
     table.caption = f"{result['tokens']} tokens in {result['windows']} windows of {result['window_len']}"
-    return table
+    return _keep_digits(table)
 
 
 def bench_table(result: dict[str, Any]) -> Table:
@@ -98,7 +126,27 @@ def bench_table(result: dict[str, Any]) -> Table:
                      f"decode: {settings['decode_tokens']} tokens forced after a {settings['decode_prompt_tokens']}-token "
                      f"prompt; threads {settings['threads'] or 'onnxruntime default'}; {result['machine']['cores']} cores "
                      f"({result['machine']['cpu']}; {' '.join(result['machine']['isa'])})")
-    return table
+    return _keep_digits(table)
+
+
+def profiles_table(profiles: Sequence[Any]) -> Table:
+    """edgelm profiles: one row per profile."""
+    table = Table("profile", "provider", "precision", "required fusions")
+    for p in profiles:
+        table.add_row(p.name, p.provider.replace("ExecutionProvider", ""), precision(p), ", ".join(p.fusions.required) or "-")
+    return _keep_digits(table)
+
+
+def check_plot_path(path: Path) -> None:
+    """Before a bench runs: the chart can be written (matplotlib is there, the name is *.png)."""
+    import importlib.util
+
+    from edgelm_runtime.errors import GenerationError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise GenerationError("--plot needs matplotlib", hint="pip install 'edgelm[bench]'")
+    if path.suffix.lower() != ".png":
+        raise GenerationError(f"--plot {path}: the chart is written as PNG", hint="name the file *.png")
 
 
 def bench_plot(result: dict[str, Any], path: Any) -> None:
@@ -139,28 +187,10 @@ def _stage_notes(name: str, facts: dict[str, Any]) -> str:
         return f"{role}{graph}, {facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
     if name == "fuse":
         return ", ".join(f"{op} x{n}" for op, n in facts.get("fused", {}).items()) or facts.get("skipped", "")
-    if name == "quantize":
-        if facts["mode"] == "none":
-            return "none (fp32)"
-        if facts["mode"] == "float16":
-            kept = f", fp32 kept: {', '.join(facts['fp32_ops'])}" if facts["fp32_ops"] else ""
-            return f"fp16 weights, activations and KV cache{kept}, {facts['size_mb_before']} -> {facts['size_mb_after']} MB"
-        if facts["mode"] == "weight-only":
-            eight = f" ({facts['int8_matmuls']} at 8-bit)" if facts.get("int8_matmuls") else ""
-            return (f"{facts['algorithm']} {facts['bits']}-bit block {facts['block_size']}, {facts['quantized_matmuls']} MatMuls"
-                    f"{eight}{' + embedding' if facts['quantized_embeddings'] else ''}, "
-                    f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
-        if facts.get("ops") == "all":
-            feeds = facts["calibration_feeds"]
-            return (f"QDQ on every op ({facts['activation_dtype']} activations, {facts['weight_dtype']} weights"
-                    f"{' per channel' if facts['per_channel'] else ''}), {feeds['prefill']} prefill + "
-                    f"{feeds['decode']} decode calibration feeds, {facts['size_mb_before']} -> {facts['size_mb_after']} MB")
-        note = (f"{facts['quantized_matmuls']} MatMuls, {facts['calibration_feeds']} calibration feeds, "
-                f"{facts['size_mb_before']} -> {facts['size_mb_after']} MB")
-        search = facts.get("mixed_precision")
-        if search:
-            note += f"; auto: {facts['kept_float']} fp32 after {len(search['trials'])} trials"
-        return note
+    if name == "quantize":  # the scheme that made these facts words them (edgelm/quant/)
+        from edgelm.quant import scheme_for_mode
+
+        return scheme_for_mode(facts["mode"]).note(facts)
     if name == "smooth":
         if "skipped" in facts:
             return facts["skipped"]
@@ -228,19 +258,11 @@ def size_split_note(split: dict[str, Any]) -> str:
 
 
 def precision(profile: Any) -> str:
-    """A profile's numeric format in a few words (edgelm profiles)."""
-    q = profile.quantization
-    if q.mode == "none":
-        return "fp32"
-    if q.mode == "float16":
-        return "fp16" + (f" (fp32: {', '.join(q.keep_fp32_ops)})" if q.keep_fp32_ops else "")
-    if q.mode == "static-qdq":
-        bits = f"W8A{16 if q.activation_dtype == 'uint16' else 8}"
-        scope = "every op" if q.ops == "all" else "weight MatMuls"
-        static = ", static shapes" if profile.export.static_shapes else ""
-        return f"{bits} static QDQ on {scope} ({q.weight_dtype} weights, {q.activation_dtype} activations){static}"
-    compute = "int8 compute" if q.accuracy_level == 4 else "float compute"
-    return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}"
+    """A profile's numeric format in a few words (edgelm profiles), as its scheme words it; an
+    unregistered config type is refused (edgelm.quant.scheme_for), never guessed."""
+    from edgelm.quant import scheme_for
+
+    return scheme_for(profile.quantization).label(profile)
 
 
 def _pruning_result(pruning: dict[str, Any]) -> str:
@@ -261,7 +283,7 @@ def build_summary(report: Any) -> Table:
     if report.manifest.pruning:
         table.add_row("pruned", "", _pruning_result(report.manifest.pruning))
     table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
-    return table
+    return _keep_digits(table)
 
 
 def manifest_summary(manifest: Manifest) -> Table:
@@ -287,4 +309,4 @@ def manifest_summary(manifest: Manifest) -> Table:
             table.add_row(name, _stage_notes(name, stages[name]))
     if manifest.pruning:
         table.add_row("pruned", _pruning_result(manifest.pruning))
-    return table
+    return _keep_digits(table)

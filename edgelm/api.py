@@ -1,4 +1,4 @@
-"""The library API that the CLI and tests call: plan_build(), build(), inspect_bundle().
+"""The library API that the CLI and tests call: plan_build(), build(), evaluate().
 
 `PIPELINE` is the whole build, in order. Package runs before CheckQuality because the quality
 check evaluates the finished bundle through edgelm_runtime; the manifest is then completed
@@ -7,17 +7,19 @@ with the quality numbers and published atomically."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.config.plan import DEFAULT_MODEL, BuildPlan, apply_overrides, resolve
-from edgelm.config.profile import DeviceProfile, load_profile
+from edgelm.config.plan import DEFAULT_MODEL, BuildOverrides, BuildPlan, apply_overrides, resolve
+from edgelm.config.profile import DeviceProfile, QualityGates, load_profile
 from edgelm.config._yaml import validate
 from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
 from edgelm.errors import ConfigError, write_error
 from edgelm.hardware import preflight_warnings
 from edgelm_runtime.hardware import host_features
+from edgelm.eval.evaluate import evaluate as measure, gate_misses, raise_missed
 from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
@@ -52,9 +54,9 @@ class BuildReport:
     facts: dict[str, dict[str, Any]]
 
 
-def plan_build(profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
-               name: str | None = None, overrides: dict[str, Any] | None = None,
-               accuracy_budget: float | None = None, adapters: list[str] | None = None,
+def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
+               name: str | None = None, overrides: BuildOverrides | None = None,
+               accuracy_budget: float | None = None, adapters: Sequence[str] | None = None,
                from_bundle: str | Path | None = None) -> BuildPlan:
     """Resolve profile + recipe (or a bundle's recorded plan) + options into a BuildPlan.
 
@@ -63,10 +65,14 @@ def plan_build(profile: str | None = None, recipe: str | Path | None = None, mod
     ratio, e.g. 1.02) becomes the perplexity gate and turns on the mixed-precision search, which
     keeps the fewest MatMuls in fp32 that meet it. Paths given here are made absolute, so the plan
     stored in the manifest rebuilds from anywhere."""
+    if overrides is not None and not isinstance(overrides, BuildOverrides):
+        raise TypeError(f"overrides: a BuildOverrides, not {type(overrides).__name__} "
+                        "(e.g. BuildOverrides(max_seq_len=512, samples=8))")
     if from_bundle is not None and recipe is not None:
         raise ConfigError("--from-bundle and --recipe both give a plan", hint="pass one of them")
     # org/name (not a local path) stays as given: locate_model resolves it in the Hugging Face cache
-    merged = {"model": model if model and looks_like_hub_name(model) else _absolute(model), **(overrides or {})}
+    merged = {"model": model if model and looks_like_hub_name(model) else _absolute(model),
+              **(overrides.plan_fields() if overrides else {})}
     if adapters:
         merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"])} for parsed in map(parse_adapter, adapters)]
     if from_bundle is not None:
@@ -111,7 +117,7 @@ def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merge
 def _budget(merged: dict[str, Any], device: Any, accuracy_budget: float | None) -> None:
     if accuracy_budget is None:
         return
-    if device.quantization.mode != "static-qdq":
+    if "mixed_precision" not in type(device.quantization).model_fields:  # the schemes with a mixed-precision search
         raise ConfigError(f"--accuracy-budget needs a static-qdq profile ({device.name} is {device.quantization.mode})",
                           hint="use --profile cpu-w8a8, or leave out --accuracy-budget")
     merged.update({"quality.max_perplexity_ratio": accuracy_budget, "profile.quantization.mixed_precision": "auto"})
@@ -155,3 +161,39 @@ def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Pr
     except OSError as exc:  # creating the temporary folder, the manifest, the final rename
         raise (write_error(exc, str(output)) or exc) from exc
     return BuildReport(output=published, manifest=manifest, seconds=dict(state.seconds), facts=state.facts)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """`edgelm eval`'s numbers (`result`, the --json schema) and the gates they miss (`failures`)."""
+
+    result: dict[str, Any]
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def check(self) -> None:
+        """Raise QualityGateError, with the numbers, when a gate was missed."""
+        raise_missed(self.result["bundle"], self.failures)
+
+
+def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int = 8, window_len: int = 256,
+             eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
+             shots: Sequence[int] = (0, 3), seed: int = 0, provider: str | None = None,
+             max_perplexity_ratio: float | None = None, min_top1_agreement: float | None = None,
+             max_kl_divergence: float | None = None, max_accuracy_drop: float | None = None,
+             check: bool = True, progress: Progress = no_progress) -> EvalReport:
+    """Measure a bundle against a reference (default: its source model in fp32): perplexity, top-1
+    agreement, KL divergence, zero/few-shot task accuracy; then the gates. The gate values are
+    validated before anything loads (a bad one fails at once); a missed gate raises QualityGateError
+    with the numbers, or with check=False is only listed in the report (report.check() raises later)."""
+    gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
+                      "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
+    result = measure(bundle, reference, windows, window_len, eval_text, list(tasks), samples, list(shots), seed,
+                     progress=progress, provider=provider)
+    report = EvalReport(result, tuple(gate_misses(result, gates, max_accuracy_drop)))
+    if check:
+        report.check()
+    return report

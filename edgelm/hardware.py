@@ -1,6 +1,6 @@
 """Build preflight: warn when the chosen profile will not be accelerated on this CPU.
 
-A profile that computes in int8 (static QDQ, or weight-only at accuracy level 4) runs slower
+A profile whose scheme computes in int8 (edgelm/quant/: static QDQ, weight-only at level 4) runs slower
 than fp32 on a CPU without int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX, ARM
 dotprod/i8mm): onnxruntime#17389. The host's features (edgelm_runtime.hardware, AMX probed, not
 read from CPUID) go into every manifest as provenance.build_host."""
@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 
+def hardware_needs(profile: Any) -> frozenset[str]:
+    """The host features (edgelm_runtime.hardware.host_features keys) the profile's quantization
+    scheme needs to run fast, as its unit in edgelm/quant/ states them."""
+    from edgelm.quant import scheme_for
+
+    return scheme_for(profile.quantization).needs(profile.quantization)
+
+
 def computes_in_int8(profile: Any) -> bool:
     """The profile's MatMuls run int8 x int8 (what VNNI / dotprod / AMX accelerate)."""
-    quantization = profile.quantization
-    if quantization.mode == "static-qdq":
-        return True
-    return quantization.mode == "weight-only" and getattr(quantization, "accuracy_level", 0) == 4
+    from edgelm.quant.base import INT8_DOT_PRODUCT
+
+    return INT8_DOT_PRODUCT in hardware_needs(profile)
 
 
 def preflight_warnings(profile: Any, host: dict[str, Any]) -> list[str]:

@@ -156,3 +156,60 @@ def test_calibration_samples_all_longer_than_the_context(tiny_model_dir, tiny_re
                   "--calibration", str(text), "-o", str(tmp_path / "out"))
     _assert_clean_error(result, "book.txt: every calibration sample is longer than the context (256 tokens", "one sample per line")
     assert not (tmp_path / "out").exists()
+
+
+def test_version_and_short_help():
+    from importlib.metadata import version
+
+    result = _run("--version")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"edgelm {version('edgelm')}, edgelm-runtime {version('edgelm-runtime')}"
+    for args in ([], ["build"], ["eval"], ["profiles"], ["profiles", "show"]):
+        short, long = _run(*args, "-h"), _run(*args, "--help")
+        assert short.exit_code == 0 and short.output == long.output and "Usage:" in short.output, short.output
+    build_help = _run("build", "-h").output
+    assert "--force" in build_help and "<bool>" not in build_help  # flags show as flags
+    assert "<bool>" not in _run("inspect", "-h").output and "<bool>" not in _run("-h").output
+
+
+def test_help_and_version_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgelm import cli\n"
+            "for args in (['--help'], ['build', '--help'], ['eval', '-h'], ['--version']):\n"
+            "    try:\n        cli.app(args)\n    except SystemExit:\n        pass\n"
+            "print('loaded:' + ','.join(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "loaded:", result.stdout[-500:]
+
+
+def _piped(*args: str) -> str:
+    """The CLI with stdout to a pipe (not a terminal) and no COLUMNS: how `edgelm ... | cat` runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    result = subprocess.run([sys.executable, "-m", "edgelm.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "…" not in result.stdout, result.stdout
+    return result.stdout
+
+
+def test_piped_tables_keep_every_digit(tiny_bundle):
+    import re
+
+    import edgelm_runtime as er
+
+    manifest = er.read_manifest(tiny_bundle)
+    size = sum(entry.size for entry in manifest.files.values())
+    shown = _piped("inspect", str(tiny_bundle))
+    assert f"{size / 1e6:.1f} MB in {len(manifest.files)} files" in shown
+    quality = manifest.quality
+    assert f"ppl {quality['perplexity']:.2f} vs {quality['reference_perplexity']:.2f}" in shown
+    table = _piped("bench", str(tiny_bundle), "--threads", "1", "--repeats", "1", "--warmup", "0", "--decode-tokens", "4")
+    row = next(line for line in table.splitlines() if tiny_bundle.name in line and "x1.00" in line)  # one row, one line
+    assert re.search(r"\d+\.\d \(\d+\.\d-\d+\.\d\)", row), row  # decode median (min-max), whole

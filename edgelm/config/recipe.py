@@ -157,11 +157,16 @@ def load_recipe(path: str | Path) -> Recipe:
         return str((base / value).resolve())
 
     def local_model(value: str | None) -> str | None:
-        from edgelm.stages.load import looks_like_hub_name
+        from edgelm.errors import ModelLoadError
+        from edgelm.stages.load import hub_snapshot, looks_like_hub_name
 
-        # `org/name` with no such folder beside the recipe: a Hugging Face cache name
+        # `org/name`: a folder beside the recipe if there is one, else a name cached by Hugging Face
         if value and not (base / value).exists() and looks_like_hub_name(value):
-            return value
+            try:
+                hub_snapshot(value)
+                return value
+            except ModelLoadError:
+                pass
         return local(value)
 
     return recipe.model_copy(update={

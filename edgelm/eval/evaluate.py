@@ -107,9 +107,9 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     return result
 
 
-def check_gates(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> None:
-    """Raise QualityGateError with the numbers when `result` misses a gate (`gates` has the
-    quality.* fields); `max_accuracy_drop` is in accuracy points (0.01 = one point) per task."""
+def gate_misses(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> list[str]:
+    """The gates `result` misses, with the numbers (`gates` has the quality.* fields);
+    `max_accuracy_drop` is in accuracy points (0.01 = one point) per task."""
     from edgelm.stages.mixed_precision import gate_failures
 
     failures = gate_failures(result, gates)
@@ -119,6 +119,15 @@ def check_gates(result: dict[str, Any], gates: Any, max_accuracy_drop: float | N
             if drop > max_accuracy_drop + 1e-9:
                 failures.append(f"{name} accuracy {task['accuracy']:.3f} vs {task['reference_accuracy']:.3f} "
                                 f"(drop {drop:.3f} > {max_accuracy_drop})")
+    return failures
+
+
+def check_gates(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> None:
+    """Raise QualityGateError with the numbers when `result` misses a gate (see gate_misses)."""
+    raise_missed(result["bundle"], gate_misses(result, gates, max_accuracy_drop))
+
+
+def raise_missed(bundle_name: str, failures: Sequence[str]) -> None:
     if failures:
-        raise QualityGateError("eval", f"{result['bundle']}: " + "; ".join(failures),
+        raise QualityGateError("eval", f"{bundle_name}: " + "; ".join(failures),
                                hint="rebuild with a higher-precision profile or --accuracy-budget, or relax the gate")

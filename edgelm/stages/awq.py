@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgelm.config.profile import WeightOnly
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.quant import scheme_for
 from edgelm.stages.calibration import calibration_token_ids
 
 logger = logging.getLogger(__name__)
@@ -134,8 +134,9 @@ class ActivationAwareScales:
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
         settings = state.plan.profile.quantization
-        if not isinstance(settings, WeightOnly) or not settings.activation_aware:
-            return {"skipped": "quantization.activation_aware is off"}
+        skipped = scheme_for(settings).skip_reason(self.name, settings)
+        if skipped:
+            return {"skipped": skipped}
         calibration = state.plan.calibration
         token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
                                           calibration.max_prompt_tokens)

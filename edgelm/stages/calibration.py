@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ConfigError
+from edgelm.onnx_graph import reference_session
 from edgelm.stages.export import decoder_feed, io_names
 
 
@@ -123,11 +124,7 @@ class CalibrationFeeds(_FeedStream):
 
     def __init__(self, reference_onnx: Path, token_ids: list[list[int]], kv: tuple[int, int, int],
                  decode_steps: int, on_feed: Callable[[int], None] = lambda n: None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(reference_onnx), options, providers=["CPUExecutionProvider"])
+        self._session = reference_session(str(reference_onnx))
         self._kv = kv
         self._decode_steps = decode_steps
         self._feeds = self._generate(token_ids)

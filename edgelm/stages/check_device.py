@@ -7,26 +7,14 @@ here, the build fails naming the op or the tensor, before anything ships."""
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from edgelm.errors import StageError
+from edgelm.onnx_graph import op_counts
 from edgelm.pipeline.stage import BuildState, Progress
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def op_key(node: onnx.NodeProto) -> str:
-    """"Op" in the ONNX domain, "domain:Op" elsewhere (as `allowed_ops` spells them)."""
-    return node.op_type if node.domain in _DEFAULT_DOMAINS else f"{node.domain}:{node.op_type}"
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(collections.Counter(op_key(node) for node in model.graph.node))
-
 
 def dynamic_tensors(model: onnx.ModelProto) -> list[str]:
     """Tensors (graph inputs, outputs and every inferred intermediate) with a dimension that is not a

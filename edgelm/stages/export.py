@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import StageError, write_error
+from edgelm.onnx_graph import reference_session, save_external
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm_runtime.bundle import ModelIO
 
@@ -147,10 +148,7 @@ def add_logits_to_keep(path: Path) -> None:
                                                         "logits_to_keep/axis"], [kept], name="logits_to_keep/Slice"))
     graph.node.insert(index, helper.make_node("Neg", [LOGITS_TO_KEEP], [negative], name="logits_to_keep/Neg"))
     head.input[0] = kept
-    for data in path.parent.glob(path.name + ".data"):
-        data.unlink()  # loaded above; onnx would append to it and double the folder
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    save_external(model, path)  # its weights were loaded above: the old data file is rewritten
 
 
 def export_failure(exc: Exception, stage: str) -> Exception:
@@ -173,13 +171,9 @@ def torch_reference(model: Any, input_ids: np.ndarray) -> tuple[np.ndarray, np.n
 
 def onnx_logits(path: Path, input_ids: np.ndarray, kv: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The same two computations through onnxruntime: prefill with empty past, then one decode step."""
-    import onnxruntime as ort
-
     num_layers, kv_heads, head_dim = kv
     _, past_names, _, _ = io_names(num_layers)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = reference_session(str(path))
     names = {i.name for i in session.get_inputs()}
     empty = {n: np.zeros((input_ids.shape[0], kv_heads, 0, head_dim), np.float32) for n in past_names}
     prefill = session.run(None, decoder_feed(names, input_ids[:, :-1], empty))
@@ -189,13 +183,9 @@ def onnx_logits(path: Path, input_ids: np.ndarray, kv: tuple[int, int, int]) -> 
 
 def session_logits(model: str | bytes, kv: tuple[int, int, int]) -> Any:
     """A function ids -> logits (S, V) of one prefill through onnxruntime (path or serialized model)."""
-    import onnxruntime as ort
-
     num_layers, kv_heads, head_dim = kv
     _, past_names, _, _ = io_names(num_layers)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = reference_session(model)
     names = {i.name for i in session.get_inputs()}
     empty = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in past_names}
 

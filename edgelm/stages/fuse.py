@@ -15,14 +15,12 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import StageError
+from edgelm.onnx_graph import count_ops  # noqa: F401  (edgelm.stages.fuse.count_ops: tests and benchmarks use it)
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import PARITY_TEXT, kv_shape, onnx_logits
+from edgelm_runtime.bundle import MODEL_FILE
 
 logger = logging.getLogger(__name__)
-
-
-def count_ops(model: Any) -> dict[str, int]:
-    return dict(collections.Counter(node.op_type for node in model.graph.node))
 
 
 def fuse(source: Path, target: Path, config: Any) -> dict[str, int]:
@@ -49,7 +47,7 @@ class FuseGraph:
         settings = state.plan.profile.fusions
         if not settings.enabled:
             return {"fused": {}, "skipped": "fusions disabled by the profile"}
-        target = state.work_dir / "fused" / "model.onnx"
+        target = state.work_dir / "fused" / MODEL_FILE
         fused = fuse(state.current_onnx, target, state.model.config)
         missing = [op for op in settings.required if fused.get(op, 0) == 0]
         if missing:

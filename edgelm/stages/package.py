@@ -1,4 +1,5 @@
-"""Write the bundle: model.onnx (+ model.onnx.data), tokenizer.json, chat template, manifest.json.
+"""Write the bundle: model.onnx (+ model.onnx.data), tokenizer.json, chat template, manifest.json
+(the names are the runtime's: edgelm_runtime.bundle).
 
 The manifest is written with the runtime's own classes (edgelm_runtime.bundle), so what the
 compiler writes is exactly what the runtime reads. Quality numbers and stage timings are added
@@ -20,13 +21,11 @@ import onnx
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import kv_shape
 from edgelm.stages.graph_roles import size_split
-from edgelm_runtime.bundle import KVLayout, Manifest, ModelIO, describe_files, read_manifest, write_manifest
+from edgelm.onnx_graph import save_external
+from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE, KVLayout, Manifest,
+                                   ModelIO, describe_files, read_manifest, write_manifest)
 from edgelm_runtime.prompts import write_prompts
 
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-CHAT_TEMPLATE_FILE = "templates/chat.jinja"
-PROMPTS_FILE = "templates/prompts.json"
 _VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime")
 
 
@@ -52,9 +51,7 @@ def save_model(onnx_path: Path, dest: Path) -> None:
     """Copy an ONNX model with its weights into one external data file beside it."""
     if onnx_path.parent.resolve() == dest.resolve() and onnx_path.name == MODEL_FILE:
         return
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    onnx.save_model(model, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=MODEL_FILE + ".data", size_threshold=1024)
+    save_external(onnx.load(str(onnx_path), load_external_data=True), dest / MODEL_FILE)
 
 
 def save_static_graphs(prefill: Path, decode: Path, dest: Path, decode_file: str) -> int:
@@ -66,8 +63,7 @@ def save_static_graphs(prefill: Path, decode: Path, dest: Path, decode_file: str
 
     first = onnx.load(str(prefill), load_external_data=True)
     raw = {init.name: numpy_helper.to_array(init).tobytes() for init in first.graph.initializer}
-    onnx.save_model(first, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=MODEL_FILE + ".data", size_threshold=1024)
+    save_external(first, dest / MODEL_FILE)
     stored = {init.name: init for init in first.graph.initializer
               if external_data_helper.uses_external_data(init)}  # save_model moved these into the .data file
     second = onnx.load(str(decode), load_external_data=True)
@@ -82,14 +78,15 @@ def save_static_graphs(prefill: Path, decode: Path, dest: Path, decode_file: str
             del init.external_data[:]
             init.external_data.extend(twin.external_data)
             shared += 1
-    onnx.save_model(second, str(dest / decode_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=decode_file + ".data", size_threshold=1024)
+    save_external(second, dest / decode_file)
     return shared
 
 
 def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, profile: str, provider: str,
-                    session_options: dict[str, Any], provenance: dict[str, Any], static: Any = None) -> Manifest:
-    """`static`: StaticGraphs (prefill + decode) instead of the one graph at `onnx_path`."""
+                    session_options: dict[str, Any], provenance: dict[str, Any], static: Any = None,
+                    provider_options: dict[str, dict[str, Any]] | None = None) -> Manifest:
+    """`static`: StaticGraphs (prefill + decode) instead of the one graph at `onnx_path`.
+    `provider_options`: {provider: {option: value}} the runtime hands onnxruntime with that provider."""
     dest.mkdir(parents=True, exist_ok=True)
     if static is not None:
         save_static_graphs(static.prefill, static.decode, dest, static.layout.decode_model_file)
@@ -115,7 +112,8 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         max_seq_len=static.layout.kv_window if static is not None else state.max_seq_len,
         vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
-        session_options=session_options, provenance=provenance, files=describe_files(dest))
+        session_options=session_options, provider_options=dict(provider_options or {}), provenance=provenance,
+        files=describe_files(dest))
     write_manifest(dest, manifest)
     return manifest
 
@@ -123,7 +121,7 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
 def kv_dtype(onnx_path: Path) -> str:
     """The element type of the graph's past KV inputs (float16 after the float16 conversion)."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    past = next((v for v in graph.input if v.name.startswith("past_key_values.")), None)
+    past = next((v for v in graph.input if ModelIO().is_past(v.name)), None)
     if past is None:
         return "float32"
     return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name

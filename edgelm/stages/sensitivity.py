@@ -16,6 +16,7 @@ from typing import Any
 
 from edgelm.config.profile import StaticQDQ
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.quant import scheme_for
 from edgelm.stages.calibration import calibration_token_ids
 
 PROBE_WINDOWS, PROBE_TOKENS = 4, 128  # one [4, 128] batch per group: 8 unbatched samples took 835 s on SmolLM2
@@ -103,8 +104,9 @@ class MeasureSensitivity:
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
         settings = state.plan.profile.quantization
-        if not isinstance(settings, StaticQDQ) or settings.mixed_precision != "auto":
-            return {"skipped": "mixed_precision is off"}
+        skipped = scheme_for(settings).skip_reason(self.name, settings)
+        if skipped:
+            return {"skipped": skipped}
         calibration = state.plan.calibration
         token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template,
                                           calibration.samples, calibration.max_prompt_tokens)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgelm.config.profile import StaticQDQ
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.quant import scheme_for
 from edgelm.stages.calibration import calibration_token_ids, observe_linear_inputs
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ class Smooth:
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
         settings = state.plan.profile.quantization
-        if not isinstance(settings, StaticQDQ):
-            return {"skipped": f"quantization mode {settings.mode}"}
+        skipped = scheme_for(settings).skip_reason(self.name, settings)
+        if skipped:
+            return {"skipped": skipped}
         calibration = state.plan.calibration
         token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
                                           calibration.max_prompt_tokens)

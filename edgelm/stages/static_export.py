@@ -25,11 +25,11 @@ from edgelm.arch import for_model
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export import PARITY_TEXT, export_failure, io_names, kv_shape
-from edgelm_runtime.bundle import ModelIO, StaticLayout
+from edgelm_runtime.bundle import DECODE_MODEL_FILE, MODEL_FILE, ModelIO, StaticLayout
 
 logger = logging.getLogger(__name__)
 IO = ModelIO()
-PREFILL_FILE, DECODE_FILE = "model.onnx", "decode.onnx"
+PREFILL_FILE, DECODE_FILE = MODEL_FILE, DECODE_MODEL_FILE  # the bundle's names (edgelm_runtime.bundle)
 
 
 @dataclass(frozen=True)

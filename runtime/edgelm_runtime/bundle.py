@@ -18,8 +18,25 @@ from typing import Any
 
 from edgelm_runtime.errors import BundleError
 
-FORMAT_VERSION = 3  # 3: `static` (fixed-shape NPU graphs) and `pruning`; 2: top-level `plan` and `adapters`
+# 4: `provider_options`; 3: `static` (fixed-shape NPU graphs) and `pruning`; 2: top-level `plan` and `adapters`
+FORMAT_VERSION = 4
+
+# The bundle's files, as the compiler writes them (the manifest names each, so the runtime reads
+# whatever it lists; these are the names edgelm gives them).
 MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+DECODE_MODEL_FILE = "decode.onnx"  # static (NPU) bundles: the one-token decode graph beside model.onnx
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "templates/chat.jinja"
+PROMPTS_FILE = "templates/prompts.json"
+
+
+def external_data_file(model_file: str) -> str:
+    """The one file beside a graph that holds its weights: model.onnx -> model.onnx.data."""
+    return model_file + ".data"
+
+
+MODEL_DATA_FILE = external_data_file(MODEL_FILE)
 _UPGRADE_HINT = "upgrade the runtime: pip install -U edgelm-runtime"
 
 
@@ -40,6 +57,21 @@ class ModelIO:
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
+
+    def is_past(self, name: str) -> bool:
+        """`name` is a past KV input of some layer (past_key_values.3.key, ...)."""
+        return any(_is_layer_name(name, t) for t in (self.past_key, self.past_value))
+
+    def is_kv(self, name: str) -> bool:
+        """`name` is a past KV input or a present KV output of some layer."""
+        return any(_is_layer_name(name, t) for t in (self.past_key, self.past_value, self.present_key, self.present_value))
+
+
+def _is_layer_name(name: str, template: str) -> bool:
+    """`name` is `template` with `{i}` a layer index."""
+    prefix, _, suffix = template.partition("{i}")
+    middle = name[len(prefix):len(name) - len(suffix)] if len(name) > len(prefix) + len(suffix) else ""
+    return name.startswith(prefix) and name.endswith(suffix) and middle.isdigit()
 
 
 @dataclass(frozen=True)
@@ -109,6 +141,9 @@ class Manifest:
     chat_template_file: str | None = None
     prompt_templates_file: str | None = None
     session_options: dict[str, Any] = field(default_factory=dict)
+    # execution provider name -> its options (e.g. {"CUDAExecutionProvider": {"device_id": 0}}), passed
+    # to onnxruntime as (name, options) in InferenceSession's providers; a provider not listed gets none
+    provider_options: dict[str, dict[str, str | int | float | bool]] = field(default_factory=dict)
     generation: GenerationDefaults = GenerationDefaults()
     quality: dict[str, Any] = field(default_factory=dict)
     # the resolved build plan (edgelm plan / edgelm build --from-bundle) and the LoRA adapters merged

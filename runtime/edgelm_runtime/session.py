@@ -1,6 +1,6 @@
 """Open the bundle's ONNX decoder in onnxruntime and run one step of it.
 
-Everything comes from the manifest (provider, session options, I/O names, KV layout); the graph is
+Everything comes from the manifest (provider, provider and session options, I/O names, KV layout); the graph is
 only checked against it, never used to guess. One graph serves the prefill (empty past) and each
 decode step (past = the previous step's present tensors, handed back as they came out)."""
 
@@ -65,7 +65,7 @@ def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = Non
         raise BundleError(f"{MANIFEST_FILE}: kv.dtype {manifest.kv.dtype!r} is not one of "
                           f"{', '.join(_KV_DTYPES)}", hint="rebuild the bundle")
     options = session_options(manifest, threads)
-    providers = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+    providers = session_providers(manifest, chosen)
     session = _session(model_path, options, providers)
     if manifest.static is not None:  # fixed-shape NPU graphs: a prefill graph and a decode graph
         from edgelm_runtime.static import StaticDecoderSession
@@ -77,7 +77,15 @@ def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = Non
     return DecoderSession(session, manifest)
 
 
-def _session(model_path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def session_providers(manifest: Manifest, chosen: str) -> list[str | tuple[str, dict[str, Any]]]:
+    """InferenceSession's `providers`: `chosen`, then the CPU (for the ops `chosen` lacks), each as
+    (name, options) where `manifest.provider_options` has options for it, else by name."""
+    names = [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+    return [(name, dict(manifest.provider_options[name])) if manifest.provider_options.get(name) else name
+            for name in names]
+
+
+def _session(model_path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only

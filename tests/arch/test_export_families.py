@@ -55,7 +55,7 @@ def bundles(family_model_dirs, tiny_recipe, tmp_path_factory):
 
     def build(family: str):
         if family not in built:
-            plan = api.plan_build("cpu-fp32", tiny_recipe, str(family_model_dirs[family]), family)
+            plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(family_model_dirs[family]), name=family)
             built[family] = api.build(plan, root / family)
         return built[family]
 

@@ -21,7 +21,7 @@ STATIC_REFUSED = {"mistral", "gemma3_text"}
 def _build(model_dir: Path, recipe: Path, profile: str, out: Path, **options):
     from edgelm import api
 
-    plan = api.plan_build(profile, recipe, str(model_dir), out.name, options.pop("overrides", None), **options)
+    plan = api.plan_build(profile=profile, recipe=recipe, model=str(model_dir), name=out.name, **options)
     return api.build(plan, out)
 
 
@@ -66,13 +66,14 @@ def test_family_npu_build_or_refusal(family, family_model_dirs, tiny_recipe, tmp
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_pruned_with_adapter(family, family_model_dirs, tiny_recipe, tmp_path):
     from edgelm.arch import ARCHS
+    from edgelm.config import BuildOverrides
     from tests.stages.test_adapters import make_adapter
 
     model_dir = family_model_dirs[family]
     adapter = make_adapter(model_dir, tmp_path / "lora", targets=ARCHS[family].linear_names())
     unpruned = _build(model_dir, tiny_recipe, "cpu-fp32", tmp_path / "base")
     report = _build(model_dir, tiny_recipe, "cpu-fp32", tmp_path / "pruned", adapters=[str(adapter)],
-                    overrides={"prune.mlp_fraction": 0.5})
+                    overrides=BuildOverrides(prune_mlp=0.5))
     manifest = report.manifest
     assert manifest.adapters and manifest.adapters[0]["merge_max_abs_diff"] < 1e-3
     assert manifest.pruning["params_after"] < manifest.pruning["params_before"]

@@ -50,7 +50,8 @@ def test_family_context_limit_is_refused_in_one_line(family_model_dirs, tmp_path
     from edgelm import api  # refused before the build starts, from the config alone
 
     with pytest.raises(ModelLoadError, match="max_seq_len 256 is refused for phi3"):
-        api.preflight(api.plan_build("cpu-fp32", None, str(folder), "x", {"max_seq_len": 256}))
+        api.preflight(api.plan_build(profile="cpu-fp32", model=str(folder), name="x",
+                                     overrides=api.BuildOverrides(max_seq_len=256)))
 
 
 GGUF_FAMILIES = ["qwen3", "gemma3_text", "phi3", "llama"]

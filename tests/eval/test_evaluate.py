@@ -94,3 +94,24 @@ def test_damaged_bundle_fails_the_gates_with_the_numbers(tiny_bundle, tmp_path):
 def test_bad_gate_value_is_a_one_line_error(tiny_bundle):
     result = CliRunner().invoke(app, ["eval", str(tiny_bundle), "--tasks", "", "--max-perplexity-ratio", "0.5"])
     assert result.exit_code == 2 and "max_perplexity_ratio" in result.output and "Traceback" not in result.output
+
+
+def test_api_evaluate_measures_and_applies_the_gates(tiny_bundle, tmp_path):
+    from edgelm import api
+    from edgelm.errors import ConfigError, QualityGateError
+
+    small = {"windows": 2, "window_len": 64, "tasks": ("sentiment",), "samples": 4, "shots": (0,)}
+    same = api.evaluate(tiny_bundle, reference=str(tiny_bundle), max_perplexity_ratio=1.05, min_top1_agreement=0.9,
+                        max_accuracy_drop=0, **small)
+    assert same.passed and same.failures == () and same.result["top1_agreement"] == 1.0
+    assert set(same.result["tasks"]) == {"sentiment-0shot"}
+    damaged = _damaged_copy(tiny_bundle, tmp_path / "damaged")
+    gates = {"min_top1_agreement": 0.9, "max_kl_divergence": 0.01}
+    with pytest.raises(QualityGateError, match=r"top-1 agreement 0\.\d+ < 0\.9; KL divergence [\d.]+ > 0\.01"):
+        api.evaluate(damaged, reference=str(tiny_bundle), **gates, **small)
+    listed = api.evaluate(damaged, reference=str(tiny_bundle), check=False, **gates, **small)
+    assert not listed.passed and len(listed.failures) == 2 and listed.result["top1_agreement"] < 0.9
+    with pytest.raises(QualityGateError):
+        listed.check()
+    with pytest.raises(ConfigError, match="max_perplexity_ratio"):  # checked before anything loads
+        api.evaluate(tmp_path / "no-such-bundle", max_perplexity_ratio=0.5)

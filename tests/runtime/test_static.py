@@ -74,7 +74,7 @@ def test_a_newer_runtime_field_in_static_is_refused(tiny_static_bundles, tmp_pat
     with pytest.raises(BundleError, match="static.slide: unknown field"):
         er.load_bundle(copy, provider="CPUExecutionProvider")
     data = json.loads((tiny_static_bundles["fp32"] / "manifest.json").read_text())
-    assert data["format_version"] == 3 and data["static"]["decode_model_file"] == "decode.onnx"
+    assert data["format_version"] == er.FORMAT_VERSION and data["static"]["decode_model_file"] == "decode.onnx"
 
 
 def test_bench_runs_a_static_bundle_within_its_window(tiny_static_bundles):

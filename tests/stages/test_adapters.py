@@ -118,7 +118,7 @@ def test_untrained_adapter_is_reported(tiny_model_dir, tiny_recipe, tmp_path):
     from edgelm.stages.adapters import MergeAdapters
 
     path = make_adapter(tiny_model_dir, tmp_path / "zero", trained=False)
-    plan = api.plan_build("cpu-fp32", tiny_recipe, str(tiny_model_dir), "zero", adapters=[str(path)])
+    plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="zero", adapters=[str(path)])
     state = BuildState(plan=plan, work_dir=tmp_path, bundle_dir=tmp_path / "b", model=base_model(tiny_model_dir),
                        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     facts = MergeAdapters().run(state, no_progress)
@@ -134,7 +134,8 @@ def test_bundle_with_adapter_runs_like_base_plus_adapter(tiny_model_dir, tiny_re
     from edgelm import api
 
     path = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
-    plan = api.plan_build("cpu-fp32", tiny_recipe, str(tiny_model_dir), "with-adapter", adapters=[f"{path}:0.5"])
+    plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="with-adapter",
+                          adapters=[f"{path}:0.5"])
     report = api.build(plan, tmp_path / "bundle")
     llm = edgelm_runtime.load_bundle(report.output)
     reference = logits_of(peft_applied(tiny_model_dir, [(path, 1.0)]).eval(), [PROBE[0]])[0]
@@ -211,7 +212,7 @@ def test_plan_round_trips_through_the_manifest_and_rebuilds(tiny_model_dir, tiny
     from tests.test_cli import _assert_clean_error, _run
 
     path = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=4)
-    plan = api.plan_build("cpu-fp32", tiny_recipe, str(tiny_model_dir), "first", adapters=[str(path)])
+    plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="first", adapters=[str(path)])
     first = api.build(plan, tmp_path / "x")
     assert BuildPlan.model_validate(first.manifest.plan) == plan
 
@@ -246,8 +247,8 @@ def test_static_quantization_calibrates_the_merged_model_on_adapter_domain_text(
     path = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=6)
     domain = tmp_path / "domain.txt"
     domain.write_text("\n".join(f"Review {i}: a film about trains, sentiment positive" for i in range(8)) + "\n")
-    plan = api.plan_build("cpu-w8a8", tiny_recipe, str(tiny_model_dir), "w8a8-adapter",
-                          {"calibration.source": str(domain)}, adapters=[str(path)])
+    plan = api.plan_build(profile="cpu-w8a8", recipe=tiny_recipe, model=str(tiny_model_dir), name="w8a8-adapter",
+                          overrides=api.BuildOverrides(calibration_source=str(domain)), adapters=[str(path)])
     report = api.build(plan, tmp_path / "bundle")
     stages = report.manifest.provenance["stages"]
     assert list(stages)[:2] == ["load", "adapters"] and stages["adapters"]["adapters"] == 1

@@ -26,8 +26,9 @@ def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe,
 
     profile = PROFILES[name]
     # a static profile's KV window (512 for npu-qdq) must fit the context; the tiny recipe sets 256
-    overrides = {"max_seq_len": profile.export.kv_window} if profile.export.static_shapes else None
-    report = api.build(api.plan_build(name, tiny_recipe, str(tiny_model_dir), name, overrides), tmp_path / name)
+    overrides = api.BuildOverrides(max_seq_len=profile.export.kv_window) if profile.export.static_shapes else None
+    plan = api.plan_build(profile=name, recipe=tiny_recipe, model=str(tiny_model_dir), name=name, overrides=overrides)
+    report = api.build(plan, tmp_path / name)
     manifest = report.manifest
     assert manifest.provider == profile.provider
     assert all(manifest.fusions.get(op, 0) > 0 for op in profile.fusions.required), manifest.fusions
@@ -82,8 +83,10 @@ def test_gpu_bundle_on_a_machine_without_a_gpu(tiny_model_dir, tiny_recipe, tmp_
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA: the fallback path is not taken")
-    gpu = api.build(api.plan_build("gpu-fp16", tiny_recipe, str(tiny_model_dir), "gpu"), tmp_path / "gpu").output
-    fp32 = api.build(api.plan_build("cpu-fp32", tiny_recipe, str(tiny_model_dir), "fp32"), tmp_path / "fp32").output
+    gpu = api.build(api.plan_build(profile="gpu-fp16", recipe=tiny_recipe, model=str(tiny_model_dir), name="gpu"),
+                    tmp_path / "gpu").output
+    fp32 = api.build(api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="fp32"),
+                     tmp_path / "fp32").output
     _assert_clean_error(_run("generate", str(gpu), "The weather"), "CUDAExecutionProvider is not available",
                         "--provider CPUExecutionProvider")
     on_cpu = _run("generate", str(gpu), "The weather", "-n", "6", "--provider", "CPUExecutionProvider")

@@ -21,7 +21,8 @@ def generic_bundle(tiny_model_dir, tiny_recipe, tmp_path_factory):
     profile.write_text(yaml.safe_dump({"name": "cpu-fp32-generic", "description": "generic export",
                                        "provider": "CPUExecutionProvider", "export": {"graph": "generic"},
                                        "quantization": {"mode": "none"}}))
-    return api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "generic"), folder / "generic").output
+    return api.build(api.plan_build(profile=str(profile), recipe=tiny_recipe, model=str(tiny_model_dir), name="generic"),
+                     folder / "generic").output
 
 
 def test_fused_graph_has_one_attention_op_and_three_packed_matmuls_per_layer(tiny_bundle, tiny_bundle_report):

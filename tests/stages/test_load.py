@@ -102,7 +102,7 @@ def test_hub_name_resolves_in_the_local_cache(family_model_dirs, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert load.locate_model("tiny-org/tiny-qwen3") == (snapshot, None)
 
-    plan = api.plan_build("cpu-fp32", None, "tiny-org/tiny-qwen3", "x")
+    plan = api.plan_build(profile="cpu-fp32", model="tiny-org/tiny-qwen3", name="x")
     assert plan.model == "tiny-org/tiny-qwen3"  # kept as a name, not made into a path
     state = BuildState(plan=plan, work_dir=tmp_path, bundle_dir=tmp_path)
     facts = load.LoadModel().run(state, no_progress)
@@ -148,11 +148,18 @@ def test_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
 
 
 def test_recipe_model_may_be_a_hub_name(family_model_dirs, tmp_path, monkeypatch):
-    """`model: org/name` in a recipe stays a cache name unless that folder exists beside the recipe."""
+    """`model: org/name` in a recipe: a folder beside the recipe if one exists, else a name in the Hugging
+    Face cache if it is cached there, else (as before) a path beside the recipe."""
     from edgelm.config.recipe import load_recipe
 
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "tiny-org/tiny-qwen3", family_model_dirs["qwen3"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-org/tiny-qwen3\n")
     assert load_recipe(recipe).model == "tiny-org/tiny-qwen3"
+    recipe.write_text("model: tiny-org/not-cached\n")  # neither: a path beside the recipe, as before
+    assert load_recipe(recipe).model == str((tmp_path / "tiny-org" / "not-cached").resolve())
+    recipe.write_text("model: tiny-org/tiny-qwen3\n")
     (tmp_path / "tiny-org" / "tiny-qwen3").mkdir(parents=True)
     assert load_recipe(recipe).model == str((tmp_path / "tiny-org" / "tiny-qwen3").resolve())

@@ -47,7 +47,7 @@ def test_auto_mixed_precision_meets_a_strict_gate_with_fp32_nodes(tiny_model_dir
     recipe = tmp_path / "r.yaml"
     recipe.write_text("max_seq_len: 256\ncalibration: {samples: 4, decode_steps: 2, max_prompt_tokens: 32}\n"
                       "quality: {windows: 2, window_len: 64}\n")
-    report = api.build(api.plan_build(str(path), recipe, str(tiny_model_dir), "auto"), tmp_path / "out")
+    report = api.build(api.plan_build(profile=str(path), recipe=recipe, model=str(tiny_model_dir), name="auto"), tmp_path / "out")
     facts = report.facts["quantize"]
     chosen = facts["mixed_precision"]
     assert chosen["fp32_groups"] >= 1 and chosen["trials"][0]["fp32_groups"] == 0
@@ -64,7 +64,7 @@ def test_auto_mixed_precision_meets_a_strict_gate_with_fp32_nodes(tiny_model_dir
 
 
 def test_module_paths_match_the_activation_statistics(tiny_int8_report):
-    from edgelm.stages.quantize import module_path
+    from edgelm.quant.graph import module_path
 
     model = onnx.load(str(tiny_int8_report.output / "model.onnx"), load_external_data=False)
     paths = {module_path(n) for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("node_linear")}

@@ -80,8 +80,8 @@ def test_quality_gate_failure_leaves_no_bundle(tiny_model_dir, tiny_recipe, tmp_
     from edgelm import api
     from edgelm.errors import QualityGateError
 
-    plan = api.plan_build("cpu-int8", tiny_recipe, str(tiny_model_dir), "gated",
-                          {"quality.max_kl_divergence": 1e-9})
+    plan = api.plan_build(profile="cpu-int8", recipe=tiny_recipe, model=str(tiny_model_dir), name="gated",
+                          overrides=api.BuildOverrides(max_kl_divergence=1e-9))
     with pytest.raises(QualityGateError, match=r"quality gate failed: KL divergence .* > 1e-09"):
         api.build(plan, tmp_path / "gated")
     assert list(tmp_path.iterdir()) == []
@@ -92,8 +92,8 @@ def test_histogram_calibration_streams_feed_by_feed(tiny_model_dir, tiny_recipe,
     (prefill and decode shapes mixed), every feed used once; the result is a working int8 bundle."""
     from edgelm import api
 
-    plan = api.plan_build("cpu-w8a8", tiny_recipe, str(tiny_model_dir), "pct",
-                          {"profile.quantization.calibration_method": "percentile"})
+    plan = api.plan_build(profile="cpu-w8a8", recipe=tiny_recipe, model=str(tiny_model_dir), name="pct",
+                          overrides=api.BuildOverrides(calibration_method="percentile"))
     report = api.build(plan, tmp_path / "pct")
     quantize = report.facts["quantize"]
     assert quantize["calibration_feeds"] == 6 * (1 + 3)

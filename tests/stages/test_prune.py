@@ -27,12 +27,13 @@ def _recipe(tmp_path: Path, prune: str) -> Path:
 
 
 def _build(tiny_model_dir: Path, recipe: Path, out: Path, profile: str = "cpu-fp32"):
-    return api.build(api.plan_build(profile, recipe, str(tiny_model_dir), out.name), out)
+    return api.build(api.plan_build(profile=profile, recipe=recipe, model=str(tiny_model_dir), name=out.name), out)
 
 
 def _pruned_model(tiny_model_dir: Path, recipe: Path, tmp_path: Path):
     """The PyTorch model the build exported: the same stages, run again (they are deterministic)."""
-    state = BuildState(plan=api.plan_build("cpu-fp32", recipe, str(tiny_model_dir)), work_dir=tmp_path, bundle_dir=tmp_path)
+    state = BuildState(plan=api.plan_build(profile="cpu-fp32", recipe=recipe, model=str(tiny_model_dir)),
+                       work_dir=tmp_path, bundle_dir=tmp_path)
     LoadModel().run(state, no_progress)
     facts = Prune().run(state, no_progress)
     return state, facts
@@ -150,7 +151,7 @@ def test_lora_recovery_merges_into_plain_linears(tiny_model_dir, tmp_path):
     ("{kv_groups_fraction: 0.1}", "prune.kv_groups_fraction: 0.1 of 2 KV groups removes none"),
 ])
 def test_impossible_pruning_is_refused_before_the_build(tiny_model_dir, tmp_path, prune, message):
-    plan = api.plan_build("cpu-fp32", _recipe(tmp_path, prune), str(tiny_model_dir))
+    plan = api.plan_build(profile="cpu-fp32", recipe=_recipe(tmp_path, prune), model=str(tiny_model_dir))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         api.preflight(plan)
 
@@ -181,7 +182,8 @@ def test_bias_compensation_keeps_the_mean_output_on_calibration_text(tiny_model_
     from edgelm.stages.calibration import calibration_token_ids
     from edgelm.stages.prune import collect_scores, prune_mlp_channels
 
-    state = BuildState(plan=api.plan_build("cpu-fp32", _recipe(tmp_path, "{mlp_fraction: 0.5}"), str(tiny_model_dir)),
+    state = BuildState(plan=api.plan_build(profile="cpu-fp32", recipe=_recipe(tmp_path, "{mlp_fraction: 0.5}"),
+                                            model=str(tiny_model_dir)),
                        work_dir=tmp_path, bundle_dir=tmp_path)
     LoadModel().run(state, no_progress)
     ids = calibration_token_ids("builtin", state.tokenizer, state.chat_template, 6, 48)
@@ -204,8 +206,8 @@ def test_a_pruned_build_that_misses_its_gate_points_to_recovery(tiny_model_dir, 
     so the gate's hint names recovery; nothing is written."""
     from edgelm.errors import QualityGateError
 
-    plan = api.plan_build("cpu-int8", _recipe(tmp_path, "{mlp_fraction: 0.25}"), str(tiny_model_dir), "gated",
-                          {"quality.max_kl_divergence": 1e-9})
+    plan = api.plan_build(profile="cpu-int8", recipe=_recipe(tmp_path, "{mlp_fraction: 0.25}"), model=str(tiny_model_dir),
+                          name="gated", overrides=api.BuildOverrides(max_kl_divergence=1e-9))
     with pytest.raises(QualityGateError) as failure:
         api.build(plan, tmp_path / "out" / "gated")
     assert "prune.recover" in failure.value.hint

@@ -72,7 +72,7 @@ def test_split_finds_a_1x1_conv_head():
 
 def test_split_follows_weight_only_quantization():
     from edgelm.config.profile import WeightOnly
-    from edgelm.stages.weight_only import quantize_weight_only, select_matmuls
+    from edgelm.quant.matmul_nbits import quantize_weight_only, select_matmuls
 
     settings = WeightOnly(mode="weight-only", bits=4, block_size=16, symmetric=True, lm_head="quantized", embeddings="int4")
     model = _graph(tied=True, softcap=True)
@@ -113,7 +113,8 @@ def test_weight_only_head_and_embedding_fields_per_family(family, family_model_d
     profile.write_text(yaml.safe_dump({"name": "wo", "description": "weight-only", "provider": "CPUExecutionProvider",
                                        "quantization": {"mode": "weight-only", "bits": 8, "symmetric": True,
                                                         "lm_head": head, "embeddings": "int4"}}))
-    report = api.build(api.plan_build(str(profile), tiny_recipe, str(family_model_dirs[family]), family), tmp_path / family)
+    plan = api.plan_build(profile=str(profile), recipe=tiny_recipe, model=str(family_model_dirs[family]), name=family)
+    report = api.build(plan, tmp_path / family)
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     roles = GraphRoles(model.graph)
     assert [n.op_type for n in roles.embedding_nodes()] == ["GatherBlockQuantized"]

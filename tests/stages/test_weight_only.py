@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 from edgelm.errors import ConfigError
 from edgelm.stages.fuse import count_ops
-from edgelm.stages.weight_only import untie_lm_head
+from edgelm.quant.matmul_nbits import untie_lm_head
 
 
 def _profile(tmp_path, **quantization):
@@ -28,7 +28,8 @@ def int4_report(tiny_model_dir, tiny_recipe, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("wo")
     profile = _profile(folder, bits=4, symmetric=True, embeddings="int4")
-    return api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "tiny-int4"), folder / "tiny-int4")
+    return api.build(api.plan_build(profile=str(profile), recipe=tiny_recipe, model=str(tiny_model_dir), name="tiny-int4"),
+                     folder / "tiny-int4")
 
 
 def test_int4_bundle_quantizes_every_weight_matmul_head_and_embedding(int4_report, tiny_bundle):
@@ -60,7 +61,8 @@ def test_keep_float_and_float_head_stay_matmul(tiny_model_dir, tiny_recipe, tmp_
     from edgelm import api
 
     profile = _profile(tmp_path, bits=8, symmetric=True, lm_head="float", keep_float=["down_proj"])
-    report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "w8"), tmp_path / "w8")
+    report = api.build(api.plan_build(profile=str(profile), recipe=tiny_recipe, model=str(tiny_model_dir), name="w8"),
+                       tmp_path / "w8")
     ops = count_ops(onnx.load(str(report.output / "model.onnx"), load_external_data=False))
     assert ops["MatMulNBits"] == 2 * 3 and report.facts["quantize"]["kept_float"] == 2  # down_proj x2; the tied head was never untied
     assert not report.facts["quantize"]["lm_head_quantized"]
@@ -70,7 +72,8 @@ def test_keep_int8_mixes_8_and_4_bit_matmuls(tiny_model_dir, tiny_recipe, tmp_pa
     from edgelm import api
 
     profile = _profile(tmp_path, bits=4, algorithm="hqq", keep_int8=["down_proj", "lm_head"])
-    report = api.build(api.plan_build(str(profile), tiny_recipe, str(tiny_model_dir), "mixed"), tmp_path / "mixed")
+    report = api.build(api.plan_build(profile=str(profile), recipe=tiny_recipe, model=str(tiny_model_dir), name="mixed"),
+                       tmp_path / "mixed")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(bits) == [4] * 6 + [8] * 3  # qkv, o, gate/up x 2 layers at 4 bits; down x 2 + head at 8
@@ -139,7 +142,8 @@ def test_awq_keeps_the_fp32_function_and_lowers_the_4bit_error(tiny_model_dir):
 def test_default_cpu_int8_profile_is_8bit_weight_only(tiny_model_dir, tiny_recipe, tmp_path):
     from edgelm import api
 
-    report = api.build(api.plan_build("cpu-int8", tiny_recipe, str(tiny_model_dir), "int8"), tmp_path / "int8")
+    report = api.build(api.plan_build(profile="cpu-int8", recipe=tiny_recipe, model=str(tiny_model_dir), name="int8"),
+                       tmp_path / "int8")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert bits == [8] * 9 and "QuantizeLinear" not in count_ops(model)
@@ -149,7 +153,8 @@ def test_default_cpu_int8_profile_is_8bit_weight_only(tiny_model_dir, tiny_recip
 def test_cpu_int4_profile_mixes_awq_4bit_and_8bit_sensitive_matmuls(tiny_model_dir, tiny_recipe, tmp_path):
     from edgelm import api
 
-    report = api.build(api.plan_build("cpu-int4", tiny_recipe, str(tiny_model_dir), "int4"), tmp_path / "int4")
+    report = api.build(api.plan_build(profile="cpu-int4", recipe=tiny_recipe, model=str(tiny_model_dir), name="int4"),
+                       tmp_path / "int4")
     model = onnx.load(str(report.output / "model.onnx"), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(bits) == [4] * 4 + [8] * 5  # o, gate/up x 2 at 4 bits; qkv, down x 2 + head at 8

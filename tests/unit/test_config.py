@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelm.config import Recipe, list_profiles, load_profile, load_recipe, resolve
+from edgelm.config import BuildOverrides, Recipe, list_profiles, load_profile, load_recipe, resolve
 from edgelm.config.profile import StaticQDQ, WeightOnly
 from edgelm.errors import ConfigError
 
@@ -110,11 +110,11 @@ def test_accuracy_budget_sets_the_gate_and_turns_on_the_search():
     from edgelm.api import plan_build
     from edgelm.errors import ConfigError as Error
 
-    plan = plan_build("cpu-w8a8", accuracy_budget=1.02)
+    plan = plan_build(profile="cpu-w8a8", accuracy_budget=1.02)
     assert plan.quality.max_perplexity_ratio == 1.02 and plan.profile.quantization.mixed_precision == "auto"
     for profile in ("cpu-fp32", "cpu-int8"):
         with pytest.raises(Error, match="needs a static-qdq profile"):
-            plan_build(profile, accuracy_budget=1.02)
+            plan_build(profile=profile, accuracy_budget=1.02)
 
 
 def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
@@ -140,8 +140,8 @@ def test_command_line_beats_recipe_beats_profile(tmp_path):
     assert from_recipe.profile.name == "cpu-w8a8" and from_recipe.max_seq_len == 512
     assert [a.path for a in from_recipe.adapters] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert from_recipe.quality.max_perplexity_ratio == 1.5  # recipe over the profile's gate
-    flags = plan_build("cpu-fp32", path, "other", "n", {"calibration.samples": 3, "max_seq_len": 128},
-                       adapters=["x:0.5"])
+    flags = plan_build(profile="cpu-fp32", recipe=path, model="other", name="n",
+                       overrides=BuildOverrides(samples=3, max_seq_len=128), adapters=["x:0.5"])
     assert flags.profile.name == "cpu-fp32" and flags.model.endswith("/other") and flags.name == "n"
     assert flags.calibration.samples == 3 and flags.max_seq_len == 128
     assert [(a.path, a.weight) for a in flags.adapters] == [(str(Path.cwd() / "x"), 0.5)]  # --adapter replaces the list
@@ -159,7 +159,7 @@ def test_prune_section_is_validated(tmp_path):
     plan = plan_build(recipe=good)
     assert plan.prune.mlp_fraction == 0.25 and plan.prune.recover.steps == 300 and plan.prune.recover.method == "lora"
     preflight(plan)  # the default model has 30 layers and 3 KV groups: nothing to refuse
-    assert plan_build(overrides={"prune.mlp_fraction": 0.1}).prune.kind == "structured"  # --prune-mlp 0.1
+    assert plan_build(overrides=BuildOverrides(prune_mlp=0.1)).prune.kind == "structured"  # --prune-mlp 0.1
 
 
 def test_unknown_adapter_field_named(tmp_path):
@@ -231,3 +231,18 @@ def test_every_op_quantization_needs_static_shapes(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"w8a8-all.yaml: quantization.ops: all needs export.static_shapes: true"):
         load_profile(path)
+
+
+def test_plan_build_takes_keywords_and_typed_overrides():
+    from edgelm.api import plan_build
+
+    with pytest.raises(TypeError):
+        plan_build("cpu-fp32")  # keyword-only
+    with pytest.raises(TypeError, match="BuildOverrides"):
+        plan_build(overrides={"max_seq_len": 128})
+    plan = plan_build(profile="cpu-w8a8", overrides=BuildOverrides(max_seq_len=128, samples=4, calibration_method="percentile",
+                                                                    min_top1_agreement=0.5))
+    assert plan.max_seq_len == 128 and plan.calibration.samples == 4 and plan.quality.min_top1_agreement == 0.5
+    assert plan.profile.quantization.calibration_method == "percentile"
+    with pytest.raises(ConfigError, match="calibration.samples"):
+        plan_build(overrides=BuildOverrides(samples=0))

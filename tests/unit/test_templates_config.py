@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgelm.api import plan_build
+from edgelm.api import BuildOverrides, plan_build
 from edgelm.config.templates import default_templates, load_templates
 from edgelm.errors import ConfigError
 
@@ -25,7 +25,7 @@ def test_recipe_and_templates_file_add_to_the_defaults_by_name(tmp_path):
     extra = tmp_path / "t.yaml"
     extra.write_text("templates:\n  sentiment:\n    kind: classify\n    query: 'Tweet: {text}\\nMood:'\n"
                      "    labels: [happy, sad]\n")
-    plan = plan_build("cpu-fp32", recipe, overrides={"templates": load_templates(extra)})
+    plan = plan_build(profile="cpu-fp32", recipe=recipe, overrides=BuildOverrides(templates=load_templates(extra)))
     assert plan.templates["intent"].labels == ("order", "refund")
     assert plan.templates["sentiment"].labels == ("happy", "sad")  # replaced by name
     assert "extract-json" in plan.templates  # defaults kept

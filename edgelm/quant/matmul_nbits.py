@@ -1,16 +1,7 @@
-"""Weight-only block quantization (MatMulNBits) with onnxruntime's MatMulNBitsQuantizer.
-
-Weights go to 4 or 8 bits in blocks along K (one scale, and a zero point when asymmetric, per
-`block_size` inputs of each output); activations stay float. At accuracy_level 4 onnxruntime
-quantizes activations to int8 per block at run time, so no calibration is needed and an
-activation outlier only costs its own block (the weakness of static per-tensor int8).
-
-The tied LM head reaches its MatMul through a Transpose of the embedding, which the quantizer
-skips ("MatMul doesn't have const weight": ~113 MB left fp32 on SmolLM2). `untie_lm_head` gives
-the head its own constant weight first; the embedding Gather keeps the original (float, or
-4-bit GatherBlockQuantized when `embeddings: int4`). The head and the embedding are found from
-the graph (graph_roles.py: the MatMul producing the logits, the Gather on input_ids), so tied and
-untied heads of every family are treated alike, whatever their module is called."""
+"""The weight-only scheme's ONNX code (its unit is weight_only.py): weight MatMuls to MatMulNBits,
+4 or 8 bits in blocks along K, with onnxruntime's MatMulNBitsQuantizer. Activations stay float (at
+accuracy_level 4 quantized to int8 per block at run time), so no calibration is needed and an
+activation outlier only costs its own block (the weakness of static per-tensor int8)."""
 
 from __future__ import annotations
 
@@ -24,13 +15,20 @@ import onnx
 from onnx import numpy_helper
 
 from edgelm.config.profile import WeightOnly
+from edgelm.quant.graph import quiet_root_logger, weight_matmuls
 
 logger = logging.getLogger(__name__)
 
 
 def untie_lm_head(model: onnx.ModelProto) -> list[str]:
     """Replace MatMul(x, Transpose(W)) with MatMul(x, W^T as its own initializer); returns the
-    MatMul names changed. The embedding keeps W for its Gather."""
+    MatMul names changed. The embedding keeps W for its Gather.
+
+    The tied LM head reaches its MatMul through a Transpose of the embedding, which the quantizer
+    skips ("MatMul doesn't have const weight": ~113 MB left fp32 on SmolLM2); the embedding Gather
+    keeps the original (float, or 4-bit GatherBlockQuantized when `embeddings: int4`). The head and
+    the embedding are found from the graph (graph_roles.py: the MatMul producing the logits, the
+    Gather on input_ids), so tied and untied heads of every family are treated alike."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
@@ -61,7 +59,6 @@ def select_matmuls(graph: onnx.ModelProto, settings: WeightOnly) -> tuple[list[s
     """Untie the LM head when it is to be quantized, then split the weight MatMuls by the profile:
     (to quantize, of those at 8 bits, kept float, whether the head is quantized)."""
     from edgelm.stages.graph_roles import GraphRoles
-    from edgelm.stages.quantize import weight_matmuls
 
     if settings.lm_head == "quantized":
         untie_lm_head(graph)
@@ -78,12 +75,8 @@ def select_matmuls(graph: onnx.ModelProto, settings: WeightOnly) -> tuple[list[s
 def _nbits() -> Any:
     """onnxruntime's matmul_nbits_quantizer module. It calls logging.basicConfig(level=INFO) on
     import, which would print every node it skips; a handler already on the root logger stops that."""
-    root, guard = logging.getLogger(), logging.NullHandler()
-    root.addHandler(guard)
-    try:
+    with quiet_root_logger():
         from onnxruntime.quantization import matmul_nbits_quantizer
-    finally:
-        root.removeHandler(guard)
     # Its one warning here ("opset under 21 ... may not be a valid model") is about the int4 Gather's
     # opset bump; the quality check runs the result, so keep it out of the terminal.
     logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.ERROR)
