@@ -131,7 +131,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 def _build(model_dir: Path, recipe: Path, profile: str, output: Path):
     from edgelm import api
 
-    plan = api.plan_build(profile, recipe, str(model_dir), output.name)
+    plan = api.plan_build(profile=profile, recipe=recipe, model=str(model_dir), name=output.name)
     return api.build(plan, output)
 
 
@@ -168,6 +168,24 @@ def _permute_rows(weight, n_head: int, n_head_kv: int):
     return rows.swapaxes(1, 2).reshape(weight.shape)
 
 
+def _add_gpt2_vocab(writer, model_dir: Path, config: dict, tokenizer: dict) -> None:
+    """The vocabulary as convert_hf_to_gguf.py's _set_vocab_gpt2 writes it: tokens in id order,
+    special added tokens CONTROL; merges, bos/eos/unk/pad ids and the chat template as it reads them."""
+    import gguf
+
+    id_to_token = {index: token for token, index in tokenizer["model"]["vocab"].items()}
+    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
+    for added in tokenizer["added_tokens"]:
+        id_to_token[added["id"]] = added["content"]
+    tokens = [id_to_token[index] for index in range(config["vocab_size"])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
+                            for index in range(len(tokens))])
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
 def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
     """Write the safetensors model in `model_dir` as one F32 GGUF file, laid out like llama.cpp's
     convert_hf_to_gguf.py does for a Llama with a GPT-2 style (byte-level BPE) tokenizer."""
@@ -195,19 +213,7 @@ def save_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
 
-    # Vocabulary as convert_hf_to_gguf.py's _set_vocab_gpt2: tokens in id order, special added tokens CONTROL.
-    id_to_token = {index: token for token, index in tokenizer["model"]["vocab"].items()}
-    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
-    for added in tokenizer["added_tokens"]:
-        id_to_token[added["id"]] = added["content"]
-    tokens = [id_to_token[index] for index in range(config["vocab_size"])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
-                            for index in range(len(tokens))])
-    # merges, bos/eos/unk/pad ids and the chat template, read the way the converter reads them
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    _add_gpt2_vocab(writer, model_dir, config, tokenizer)
 
     weights = load_file(str(model_dir / "model.safetensors"))
     writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
@@ -303,17 +309,7 @@ def save_tiny_family_gguf(model_dir: Path, path: Path, family: str) -> Path:
             extra = {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
                      "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
 
-    id_to_token = {index: token for token, index in tokenizer["model"]["vocab"].items()}
-    special = {added["id"] for added in tokenizer["added_tokens"] if added["special"]}
-    for added in tokenizer["added_tokens"]:
-        id_to_token[added["id"]] = added["content"]
-    tokens = [id_to_token[index] for index in range(config["vocab_size"])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
-                            for index in range(len(tokens))])
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    _add_gpt2_vocab(writer, model_dir, config, tokenizer)
 
     names = gguf.get_tensor_name_map(arch, layers)
     for name, data in load_file(str(model_dir / "model.safetensors")).items():
