@@ -143,12 +143,6 @@ class DecoderArch:
     def head(self, model: Any) -> Any:
         return model.lm_head
 
-    def tied_head(self, model: Any) -> bool:
-        return self.head(model).weight is self.embedding(model).weight
-
-    def embedding_scale(self, config: Any) -> float:
-        return 1.0
-
     def final_softcap(self, config: Any) -> float | None:
         return None
 

@@ -47,8 +47,5 @@ class Gemma3Text(DecoderArch):
     def final_softcap(self, config: Any) -> float | None:
         return getattr(config, "final_logit_softcapping", None)
 
-    def embedding_scale(self, config: Any) -> float:
-        return config.hidden_size ** 0.5
-
 
 ARCH = Gemma3Text()
