@@ -45,7 +45,7 @@ def save_model(name: str, layers: int, folder: Path) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edgelm.stages.load import load_pretrained
+    from edgelm.stages.load.model import load_pretrained
 
     model_type, depth, fields = CONFIGS[name]
     tokenizer = load_pretrained("default").tokenizer

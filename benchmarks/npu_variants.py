@@ -40,10 +40,10 @@ def main() -> None:
 
     from edgelm.eval.metrics import window_stats
     from edgelm.eval.text import eval_windows
-    from edgelm.stages.calibration import StaticCalibrationFeeds, calibration_token_ids
-    from edgelm.stages.export import kv_shape
-    from edgelm.stages.load import load_pretrained
-    from edgelm.stages.static_export import StaticGraphs, export_static_graph
+    from edgelm.calibration import StaticCalibrationFeeds, calibration_token_ids
+    from edgelm.stages.export.decoder import kv_shape
+    from edgelm.stages.load.model import load_pretrained
+    from edgelm.stages.export.static import StaticGraphs, export_static_graph
     from edgelm_runtime.bundle import StaticLayout
     from edgelm_runtime.scoring import log_softmax
     from edgelm_runtime.static import StaticWindow

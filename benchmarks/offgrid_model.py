@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from edgelm.stages.load import load_pretrained
+from edgelm.stages.load.model import load_pretrained
 
 
 def business_text(max_files: int = 200) -> str:

@@ -30,8 +30,8 @@ def main() -> None:
 
     from edgelm import api
     from edgelm.pipeline.stage import BuildState, no_progress
-    from edgelm.stages.load import LoadModel
-    from edgelm.stages.prune import Prune
+    from edgelm.stages.load.model import LoadModel
+    from edgelm.stages.compress.prune import Prune
 
     results = []
     with tempfile.TemporaryDirectory(prefix="prune-variants-") as scratch:

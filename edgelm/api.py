@@ -24,20 +24,20 @@ from edgelm.eval.text import load_eval_text
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
 from edgelm.pipeline.workspace import Workspace
-from edgelm.stages.check_device import CheckDevice
-from edgelm.stages.check_quality import CheckQuality
-from edgelm.stages.export import ExportOnnx
-from edgelm.stages.fuse import FuseGraph
-from edgelm.stages.adapters import MergeAdapters, read_adapters
-from edgelm.stages.awq import ActivationAwareScales
-from edgelm.stages.calibration import read_calibration_file
-from edgelm.stages.load import LoadModel, context_length, locate_model, looks_like_hub_name, model_config, source_fingerprint
+from edgelm.stages.check.device import CheckDevice
+from edgelm.stages.check.quality import CheckQuality
+from edgelm.stages.export.decoder import ExportOnnx
+from edgelm.stages.optimize import FuseGraph
+from edgelm.stages.adapt import MergeAdapters, read_adapters
+from edgelm.stages.compress.awq import ActivationAwareScales
+from edgelm.calibration import read_calibration_file
+from edgelm.stages.load.model import LoadModel, context_length, locate_model, looks_like_hub_name, model_config, source_fingerprint
 from edgelm.stages.package import Package, finalize_manifest
-from edgelm.stages.prune import Prune, check_prune_fits
+from edgelm.stages.compress.prune import Prune, check_prune_fits
 from edgelm.stages.quantize import Quantize
-from edgelm.stages.sensitivity import MeasureSensitivity
-from edgelm.stages.smooth import Smooth
-from edgelm.stages.static_export import ExportStatic
+from edgelm.stages.compress.sensitivity import MeasureSensitivity
+from edgelm.stages.compress.smooth import Smooth
+from edgelm.stages.export.static import ExportStatic
 from edgelm_runtime.bundle import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import Progress
 
     from edgelm._render import quiet_libraries
-    from edgelm.stages.load import load_pretrained
+    from edgelm.stages.load.model import load_pretrained
 
     console = Console()
     quiet_libraries()

@@ -28,7 +28,7 @@ quality: {windows: 2, window_len: 64}
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from edgelm.stages.calibration import builtin_prompts
+    from edgelm.calibration import builtin_prompts
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -288,7 +288,7 @@ def save_tiny_family_gguf(model_dir: Path, path: Path, family: str) -> Path:
     if arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_rope_dimension_count(head_dim)
         if rope.get("rope_type") == "llama3":  # the converter's rope_freqs (its original context: rope_parameters')
-            from edgelm.stages.gguf_config import _llama3_factors
+            from edgelm.stages.load.gguf_config import _llama3_factors
 
             extra = {"rope_freqs.weight": np.asarray(_llama3_factors(
                 rope["rope_theta"], head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],

@@ -158,7 +158,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
     def local_model(value: str | None) -> str | None:
         from edgelm.errors import ModelLoadError
-        from edgelm.stages.load import hub_snapshot, looks_like_hub_name
+        from edgelm.stages.load.model import hub_snapshot, looks_like_hub_name
 
         # `org/name`: a folder beside the recipe if there is one, else a name cached by Hugging Face
         if value and not (base / value).exists() and looks_like_hub_name(value):

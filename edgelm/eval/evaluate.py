@@ -67,8 +67,8 @@ def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
                               hint="pass --reference MODEL_OR_BUNDLE")
         adapters = bundle_manifest.adapters
     from edgelm.config.recipe import AdapterSpec
-    from edgelm.stages.adapters import merge_adapters, read_adapters
-    from edgelm.stages.load import load_pretrained
+    from edgelm.stages.adapt import merge_adapters, read_adapters
+    from edgelm.stages.load.model import load_pretrained
 
     model = load_pretrained(spec).model
     name = f"{Path(spec).name} (PyTorch fp32)"
@@ -110,7 +110,7 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
 def gate_misses(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> list[str]:
     """The gates `result` misses, with the numbers (`gates` has the quality.* fields);
     `max_accuracy_drop` is in accuracy points (0.01 = one point) per task."""
-    from edgelm.stages.mixed_precision import gate_failures
+    from edgelm.eval.metrics import gate_failures
 
     failures = gate_failures(result, gates)
     if max_accuracy_drop is not None:

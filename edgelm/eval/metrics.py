@@ -32,3 +32,15 @@ def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
     # unrounded: gates compare these exact values; tables round for people
     return {"perplexity": ppl, "reference_perplexity": ref_ppl, "perplexity_ratio": ppl / ref_ppl,
             "top1_agreement": agree / count, "kl_divergence": kl / count, "tokens": count}
+
+
+def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
+    """Human-readable list of the gates `metrics` misses (empty: passes)."""
+    failed = []
+    if gates.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > gates.max_perplexity_ratio:
+        failed.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {gates.max_perplexity_ratio}")
+    if gates.min_top1_agreement is not None and metrics["top1_agreement"] < gates.min_top1_agreement:
+        failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gates.min_top1_agreement}")
+    if gates.max_kl_divergence is not None and metrics["kl_divergence"] > gates.max_kl_divergence:
+        failed.append(f"KL divergence {metrics['kl_divergence']:.4g} > {gates.max_kl_divergence}")
+    return failed

@@ -58,7 +58,7 @@ def untie_lm_head(model: onnx.ModelProto) -> list[str]:
 def select_matmuls(graph: onnx.ModelProto, settings: WeightOnly) -> tuple[list[str], list[str], list[str], bool]:
     """Untie the LM head when it is to be quantized, then split the weight MatMuls by the profile:
     (to quantize, of those at 8 bits, kept float, whether the head is quantized)."""
-    from edgelm.stages.graph_roles import GraphRoles
+    from edgelm.graph_roles import GraphRoles
 
     if settings.lm_head == "quantized":
         untie_lm_head(graph)
@@ -124,7 +124,7 @@ def quantize_weight_only(model: onnx.ModelProto, settings: WeightOnly, matmuls: 
         result = _quantize_matmuls(result, eight_bit, list(int8_matmuls))
     result = _quantize_matmuls(result, settings, [n for n in matmuls if n not in set(int8_matmuls)])
     if settings.embeddings == "int4":
-        from edgelm.stages.graph_roles import GraphRoles
+        from edgelm.graph_roles import GraphRoles
 
         embedding = {n.name for n in GraphRoles(result.graph).embedding_nodes()}
         others = [n.name for n in result.graph.node if n.op_type == "Gather" and n.name not in embedding]

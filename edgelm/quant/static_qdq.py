@@ -28,8 +28,8 @@ def quantize(state: Any, settings: StaticQDQ, progress: Any) -> dict[str, Any]:
 
     from edgelm.errors import StageError
     from edgelm.quant.graph import size_mb, weight_matmuls
-    from edgelm.stages.calibration import CalibrationFeeds, calibration_token_ids
-    from edgelm.stages.export import kv_shape
+    from edgelm.calibration import CalibrationFeeds, calibration_token_ids
+    from edgelm.stages.export.decoder import kv_shape
 
     source = state.current_onnx
     graph = onnx.load(str(source), load_external_data=False)
@@ -97,8 +97,8 @@ def _every_op(state: Any, settings: StaticQDQ, progress: Any) -> dict[str, Any]:
 
     from edgelm.errors import StageError
     from edgelm.quant.graph import quiet_root_logger, size_mb
-    from edgelm.stages.calibration import StaticCalibrationFeeds, calibration_token_ids
-    from edgelm.stages.export import kv_shape
+    from edgelm.calibration import StaticCalibrationFeeds, calibration_token_ids
+    from edgelm.stages.export.decoder import kv_shape
 
     graphs, calibration = state.static_graphs, state.plan.calibration
     steps = min(calibration.decode_steps, graphs.layout.kv_window // 2)
@@ -141,8 +141,9 @@ def _search(state: Any, float_path: Path, target: Path, candidates: dict[str, st
     from edgelm.errors import StageError
     from edgelm.eval.text import eval_windows
     from edgelm.onnx_graph import save_external
-    from edgelm.stages.export import kv_shape, session_logits
-    from edgelm.stages.mixed_precision import WindowMetrics, gate_failures, ranked_groups, restore_float, search_prefix
+    from edgelm.stages.export.decoder import kv_shape, session_logits
+    from edgelm.eval.metrics import gate_failures
+    from edgelm.quant.mixed_precision import WindowMetrics, ranked_groups, restore_float, search_prefix
 
     quality = state.plan.quality
     if all(g is None for g in (quality.max_perplexity_ratio, quality.min_top1_agreement, quality.max_kl_divergence)):

@@ -19,8 +19,8 @@ from typing import Any
 import onnx
 
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.export import kv_shape
-from edgelm.stages.graph_roles import size_split
+from edgelm.stages.export.decoder import kv_shape
+from edgelm.graph_roles import size_split
 from edgelm.onnx_graph import save_external
 from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE, KVLayout, Manifest,
                                    ModelIO, describe_files, read_manifest, write_manifest)

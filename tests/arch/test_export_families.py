@@ -33,7 +33,7 @@ def _load(folder: Path):
 
 
 def _long_ids(tokenizer, count: int = 64) -> np.ndarray:
-    from edgelm.stages.export import PARITY_TEXT
+    from edgelm.stages.export.decoder import PARITY_TEXT
 
     ids = tokenizer(PARITY_TEXT)["input_ids"]
     return np.asarray([(ids * (count // len(ids) + 1))[:count]], dtype=np.int64)
@@ -93,7 +93,7 @@ def test_fused_graph_states_each_layers_attention(family, bundles, family_model_
     rotary inside the op or not (NoPE layers; partial rotary whose cos width is not a multiple of 8
     is applied before it), the arch's scale and soft-cap."""
     from edgelm.arch import for_model
-    from edgelm.stages.fused_export import rotary_inside
+    from edgelm.stages.export.fused import rotary_inside
 
     model, _ = _load(family_model_dirs[family])
     arch = for_model(model)
@@ -114,7 +114,7 @@ def test_fused_graph_states_each_layers_attention(family, bundles, family_model_
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generic_route_matches_pytorch_past_the_window(family, family_model_dirs, tmp_path):
-    from edgelm.stages.export import check_parity, export_decoder, kv_shape, onnx_logits, torch_reference
+    from edgelm.stages.export.decoder import check_parity, export_decoder, kv_shape, onnx_logits, torch_reference
 
     model, tokenizer = _load(family_model_dirs[family])
     path = tmp_path / "model.onnx"
@@ -130,7 +130,7 @@ def test_partial_rotary_runs_inside_group_query_attention(tmp_path):
     GroupQueryAttention rotates the first 48 dims itself and passes the rest through."""
     from tests.conftest import save_tiny_family
 
-    from edgelm.stages.export import check_parity, export_decoder
+    from edgelm.stages.export.decoder import check_parity, export_decoder
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0 + 0.05 * i for i in range(24)], "long_factor": [1.0 + i for i in range(24)]}
@@ -146,8 +146,8 @@ def test_partial_rotary_runs_inside_group_query_attention(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_decoder_reference_math_matches_pytorch(family, family_model_dirs):
     """The custom op's reference implementation (what tracing and eager runs compute) is the model."""
-    from edgelm.stages.export import kv_shape
-    from edgelm.stages.fused_export import fused_decoder
+    from edgelm.stages.export.decoder import kv_shape
+    from edgelm.stages.export.fused import fused_decoder
 
     model, _ = _load(family_model_dirs[family])
     decoder = fused_decoder(model, 128)
@@ -162,7 +162,7 @@ def test_fused_decoder_reference_math_matches_pytorch(family, family_model_dirs)
 
 
 def _static_parity(model, tokenizer, folder: Path, projections: str = "matmul") -> dict:
-    from edgelm.stages.static_export import StaticGraphs, check_static_parity, export_static_graph
+    from edgelm.stages.export.static import StaticGraphs, check_static_parity, export_static_graph
     from edgelm_runtime.bundle import StaticLayout
 
     layout = StaticLayout(decode_model_file="decode.onnx", prefill_len=16, kv_window=KV_WINDOW)
@@ -175,7 +175,7 @@ def _static_parity(model, tokenizer, folder: Path, projections: str = "matmul") 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_graphs_match_pytorch_or_are_refused(family, family_model_dirs, tmp_path):
     from edgelm.arch import for_model
-    from edgelm.stages.static_export import ExportStatic
+    from edgelm.stages.export.static import ExportStatic
 
     model, tokenizer = _load(family_model_dirs[family])
     refusal = for_model(model).static_refusal(model, KV_WINDOW)
@@ -211,7 +211,7 @@ def test_gqa_reference_math_is_what_onnxruntime_computes(window, softcap, rotary
     same inputs: a 20-token past, 5 new tokens, so the window and the soft-cap both bite."""
     import onnxruntime as ort
 
-    from edgelm.stages.fused_export import _register_ops, translation_table
+    from edgelm.stages.export.fused import _register_ops, translation_table
 
     gqa, heads, kv_heads, head_dim, past_len, seq = _register_ops(), 4, 2, 64, 20, 5
     torch.manual_seed(0)

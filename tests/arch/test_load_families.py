@@ -1,7 +1,7 @@
 """Every family loads through LoadModel with its family recorded; a family's context limit is refused
 in one line; and a GGUF of Qwen3, Gemma 3, Phi-3 and Llama 3 (written as llama.cpp's converter writes
 them) loads to the same weights and logits as the safetensors folder it came from, including the
-facts transformers' GGUF reader leaves out (edgelm/stages/gguf_config.py)."""
+facts transformers' GGUF reader leaves out (edgelm/stages/load/gguf_config.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from edgelm.errors import ModelLoadError
-from edgelm.stages import load
+from edgelm.stages.load import model as load
 from tests.conftest import FAMILY_CONFIGS, GGUF_FAMILY_OVERRIDES, save_tiny_family, save_tiny_family_gguf
 
 
@@ -108,7 +108,7 @@ def test_family_gguf_matches_safetensors(family, family_ggufs, tmp_path):
 def test_gguf_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
     from types import SimpleNamespace
 
-    from edgelm.stages.gguf_config import _llama3_factors, _llama3_rope
+    from edgelm.stages.load.gguf_config import _llama3_factors, _llama3_rope
 
     config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     factors = _llama3_factors(500000.0, 64, 8.0, 1.0, 4.0, 8192.0)

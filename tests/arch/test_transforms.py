@@ -49,7 +49,7 @@ def _runs_with_cache(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothquant_keeps_the_function_and_changes_the_weights(family, family_model_dirs):
-    from edgelm.stages.smooth import collect_input_stats, smooth_model
+    from edgelm.stages.compress.smooth import collect_input_stats, smooth_model
 
     model = _load(family_model_dirs, family)
     arch = for_model(model)
@@ -74,7 +74,7 @@ def test_smoothquant_keeps_the_function_and_changes_the_weights(family, family_m
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_awq_keeps_the_function(family, family_model_dirs):
-    from edgelm.stages.awq import apply_awq
+    from edgelm.stages.compress.awq import apply_awq
 
     model = _load(family_model_dirs, family)
     arch = for_model(model)
@@ -90,7 +90,7 @@ def test_awq_keeps_the_function(family, family_model_dirs):
 @pytest.mark.parametrize("compensate", [False, True], ids=["magnitude", "wanda-compensated"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlp_channel_pruning_shrinks_gate_up_and_down_alike(family, compensate, family_model_dirs):
-    from edgelm.stages.prune import CHANNEL_MULTIPLE, collect_scores, parameter_count, prune_mlp_channels
+    from edgelm.stages.compress.prune import CHANNEL_MULTIPLE, collect_scores, parameter_count, prune_mlp_channels
 
     assert CHANNEL_MULTIPLE == 32
     model = _load(family_model_dirs, family)
@@ -112,7 +112,7 @@ def test_mlp_channel_pruning_shrinks_gate_up_and_down_alike(family, compensate, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_group_pruning_keeps_query_key_value_and_output_consistent(family, family_model_dirs):
-    from edgelm.stages.prune import collect_scores, parameter_count, prune_kv_groups
+    from edgelm.stages.compress.prune import collect_scores, parameter_count, prune_kv_groups
 
     model = _load(family_model_dirs, family)
     arch, config = for_model(model), model.config
@@ -133,7 +133,7 @@ def test_kv_group_pruning_keeps_query_key_value_and_output_consistent(family, fa
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_drop_keeps_per_layer_config_consistent(family, family_model_dirs):
-    from edgelm.stages.prune import drop_layers, parameter_count
+    from edgelm.stages.compress.prune import drop_layers, parameter_count
 
     model = _load(family_model_dirs, family)
     arch, config = for_model(model), model.config
@@ -157,7 +157,7 @@ def test_layer_drop_keeps_per_layer_config_consistent(family, family_model_dirs)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparsify_zeroes_every_layer_linear(family, family_model_dirs):
-    from edgelm.stages.prune import collect_scores, sparsify
+    from edgelm.stages.compress.prune import collect_scores, sparsify
 
     model = _load(family_model_dirs, family)
     assert sparsify(model, "2:4", 0.5, collect_scores(model, IDS)) == pytest.approx(0.5)
@@ -168,8 +168,8 @@ def test_sparsify_zeroes_every_layer_linear(family, family_model_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sensitivity_scores_one_group_per_shared_input(family, family_model_dirs):
     from edgelm.config.profile import StaticQDQ
-    from edgelm.stages.sensitivity import group_key, measure_sensitivity
-    from edgelm.stages.smooth import collect_input_stats
+    from edgelm.stages.compress.sensitivity import group_key, measure_sensitivity
+    from edgelm.stages.compress.smooth import collect_input_stats
 
     model = _load(family_model_dirs, family)
     arch = for_model(model)
@@ -205,7 +205,7 @@ def test_recovery_distill_trains_and_merges(family, family_model_dirs):
 
     from edgelm.config.recipe import RecoverySettings
     from edgelm.pipeline.stage import no_progress
-    from edgelm.stages.recover import distill
+    from edgelm.stages.compress.recover import distill
 
     student = _load(family_model_dirs, family)
     teacher = copy.deepcopy(student).eval()

@@ -16,7 +16,7 @@ def test_cli_build_with_adapter_on_the_real_model(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edgelm.stages.load import load_pretrained
+    from edgelm.stages.load.model import load_pretrained
 
     torch.manual_seed(0)
     model = get_peft_model(load_pretrained("default").model,

@@ -18,9 +18,9 @@ from edgelm.config.profile import Frozen, Quantization, StaticQDQ, list_profiles
 from edgelm.errors import ConfigError
 from edgelm.hardware import computes_in_int8, hardware_needs
 from edgelm.quant import PREP_PASSES, SCHEMES, scheme_for, scheme_for_mode
-from edgelm.stages.awq import ActivationAwareScales
-from edgelm.stages.sensitivity import MeasureSensitivity
-from edgelm.stages.smooth import Smooth
+from edgelm.stages.compress.awq import ActivationAwareScales
+from edgelm.stages.compress.sensitivity import MeasureSensitivity
+from edgelm.stages.compress.smooth import Smooth
 
 LABELS = {
     "cpu-fp32": "fp32",

@@ -12,7 +12,7 @@ import pytest
 
 from edgelm.config.recipe import AdapterSpec
 from edgelm.errors import AdapterError
-from edgelm.stages.adapters import merge_adapters, read_adapter, read_adapters
+from edgelm.stages.adapt import merge_adapters, read_adapter, read_adapters
 from edgelm_runtime.bundle import sha256_file as file_sha256
 
 PROBE = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13]]
@@ -115,7 +115,7 @@ def test_untrained_adapter_is_reported(tiny_model_dir, tiny_recipe, tmp_path):
 
     from edgelm import api
     from edgelm.pipeline.stage import BuildState, no_progress
-    from edgelm.stages.adapters import MergeAdapters
+    from edgelm.stages.adapt import MergeAdapters
 
     path = make_adapter(tiny_model_dir, tmp_path / "zero", trained=False)
     plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="zero", adapters=[str(path)])
@@ -209,7 +209,7 @@ def test_plan_round_trips_through_the_manifest_and_rebuilds(tiny_model_dir, tiny
 
     from edgelm import api
     from edgelm.config.plan import BuildPlan
-    from tests.test_cli import _assert_clean_error, _run
+    from tests.integration.test_cli import _assert_clean_error, _run
 
     path = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=4)
     plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="first", adapters=[str(path)])

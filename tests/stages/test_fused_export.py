@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import edgelm_runtime as er
-from edgelm.stages.fuse import count_ops
+from edgelm.stages.optimize import count_ops
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_models_the_fused_route_cannot_express_fall_back_with_the_reason():
     compute (bidirectional attention, an unknown architecture) is refused with the reason."""
     from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from edgelm.stages.fused_export import fused_export_refusal
+    from edgelm.stages.export.fused import fused_export_refusal
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")

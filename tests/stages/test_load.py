@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgelm.errors import ModelLoadError
-from edgelm.stages import load
+from edgelm.stages.load import model as load
 
 
 def test_missing_path(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import ModelLoadError
-from edgelm.stages import load
+from edgelm.stages.load import model as load
 
 
 def _load(model: str, tmp_path):

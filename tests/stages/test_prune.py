@@ -13,8 +13,8 @@ import edgelm_runtime as er
 from edgelm import api
 from edgelm.errors import ConfigError
 from edgelm.pipeline.stage import BuildState, no_progress
-from edgelm.stages.load import LoadModel
-from edgelm.stages.prune import Prune
+from edgelm.stages.load.model import LoadModel
+from edgelm.stages.compress.prune import Prune
 
 BASE = "max_seq_len: 256\ncalibration: {samples: 6, decode_steps: 3, max_prompt_tokens: 48}\nquality: {windows: 2, window_len: 64}\n"
 PROMPT = "The weather today is bright and the wind is calm"
@@ -179,8 +179,8 @@ def test_bias_compensation_keeps_the_mean_output_on_calibration_text(tiny_model_
 
     import torch
 
-    from edgelm.stages.calibration import calibration_token_ids
-    from edgelm.stages.prune import collect_scores, prune_mlp_channels
+    from edgelm.calibration import calibration_token_ids
+    from edgelm.stages.compress.prune import collect_scores, prune_mlp_channels
 
     state = BuildState(plan=api.plan_build(profile="cpu-fp32", recipe=_recipe(tmp_path, "{mlp_fraction: 0.5}"),
                                             model=str(tiny_model_dir)),

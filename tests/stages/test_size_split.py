@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from edgelm.stages.graph_roles import GraphRoles, size_split
+from edgelm.graph_roles import GraphRoles, size_split
 
 VOCAB, HIDDEN = 4096, 64
 

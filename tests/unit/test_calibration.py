@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import ConfigError
-from edgelm.stages.calibration import builtin_prompts, read_calibration_file
+from edgelm.calibration import builtin_prompts, read_calibration_file
 
 
 def test_txt_and_jsonl(tmp_path):

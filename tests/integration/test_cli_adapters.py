@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.stages.test_adapters import make_adapter
-from tests.test_cli import _assert_clean_error, _run
+from tests.integration.test_cli import _assert_clean_error, _run
 
 
 def _other_base(folder: Path, **shape: int) -> Path:

@@ -6,7 +6,7 @@ import json
 
 import onnx
 
-from edgelm.stages.fuse import count_ops
+from edgelm.stages.optimize import count_ops
 from edgelm_runtime.bundle import read_manifest, verify_bundle
 
 
@@ -104,7 +104,7 @@ def test_histogram_calibration_streams_feed_by_feed(tiny_model_dir, tiny_recipe,
 def test_calibration_feeds_come_in_ordered_chunks(tiny_bundle):
     import pytest
 
-    from edgelm.stages.calibration import CalibrationFeeds
+    from edgelm.calibration import CalibrationFeeds
 
     feeds = CalibrationFeeds(tiny_bundle / "model.onnx", [[5, 6, 7], [8, 9]], (2, 2, 16), decode_steps=2)
     assert len(feeds) == 6

@@ -12,7 +12,7 @@ from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.mixed_precision import gate_failures
+from edgelm.eval.metrics import gate_failures
 from edgelm.stages.package import assemble_bundle, session_options
 
 

@@ -55,7 +55,7 @@ def test_tiny_model_builds_with_every_profile(name, tiny_model_dir, tiny_recipe,
 def _assert_static(bundle, manifest, profile):
     """Both graphs: every dimension fixed (inputs, outputs and every inferred intermediate), every op
     in the profile's list, QDQ on every op (no float MatMul or Conv left), and the weights stored once."""
-    from edgelm.stages.check_device import dynamic_tensors, op_counts
+    from edgelm.stages.check.device import dynamic_tensors, op_counts
 
     assert manifest.static.prefill_len == profile.export.prefill_len
     assert manifest.max_seq_len == manifest.static.kv_window == profile.export.kv_window
@@ -79,7 +79,7 @@ def test_gpu_bundle_on_a_machine_without_a_gpu(tiny_model_dir, tiny_recipe, tmp_
     import onnxruntime
 
     from edgelm import api
-    from tests.test_cli import _assert_clean_error, _run
+    from tests.integration.test_cli import _assert_clean_error, _run
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA: the fallback path is not taken")

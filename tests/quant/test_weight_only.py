@@ -10,7 +10,7 @@ import yaml
 from onnx import helper, numpy_helper
 
 from edgelm.errors import ConfigError
-from edgelm.stages.fuse import count_ops
+from edgelm.stages.optimize import count_ops
 from edgelm.quant.matmul_nbits import untie_lm_head
 
 
@@ -119,7 +119,7 @@ def test_awq_keeps_the_fp32_function_and_lowers_the_4bit_error(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgelm.stages.awq import apply_awq
+    from edgelm.stages.compress.awq import apply_awq
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     # give a few input channels the large activations real LMs have, so scaling has work to do

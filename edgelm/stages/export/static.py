@@ -24,7 +24,7 @@ import numpy as np
 from edgelm.arch import for_model
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.export import PARITY_TEXT, export_failure, io_names, kv_shape
+from edgelm.stages.export.decoder import PARITY_TEXT, export_failure, io_names, kv_shape
 from edgelm_runtime.bundle import DECODE_MODEL_FILE, MODEL_FILE, ModelIO, StaticLayout
 
 logger = logging.getLogger(__name__)

@@ -143,7 +143,7 @@ def _read_config(folder: Path, gguf_file: str | None, mtime_ns: int, size: int) 
     try:
         config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
         if gguf_file:  # the facts transformers' GGUF reader drops (see gguf_config.py)
-            from edgelm.stages.gguf_config import config_overrides
+            from edgelm.stages.load.gguf_config import config_overrides
 
             overrides = config_overrides(where, config)
             if overrides:
@@ -232,7 +232,7 @@ def check_calibration_fits(source: str, tokenizer: Any, context: int) -> None:
     """A calibration file whose every sample is longer than the context is almost always a file
     without line breaks (one sample per line is the format): refuse it instead of calibrating on
     the first tokens of one giant sample. Longer samples among shorter ones are cut, as usual."""
-    from edgelm.stages.calibration import read_calibration_file
+    from edgelm.calibration import read_calibration_file
 
     if source == "builtin":
         return

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgelm.errors import ConfigError
 from edgelm.onnx_graph import reference_session
-from edgelm.stages.export import decoder_feed, io_names
+from edgelm.stages.export.decoder import decoder_feed, io_names
 
 
 def builtin_prompts() -> list[str]:

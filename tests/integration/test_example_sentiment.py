@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sentiment_lora.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_sentiment_lora.py"
 
 
 def _example():
@@ -30,7 +30,7 @@ def test_training_split_excludes_the_held_out_sentences():
 
 def test_example_writes_an_adapter_edgelm_merges(tiny_model_dir, tmp_path):
     from edgelm.config.recipe import AdapterSpec
-    from edgelm.stages.adapters import read_adapter
+    from edgelm.stages.adapt import read_adapter
 
     out = tmp_path / "adapter"
     assert _example().main(["-o", str(out), "--model", str(tiny_model_dir), "--steps", "3", "--batch-size", "2",

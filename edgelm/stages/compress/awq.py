@@ -17,7 +17,7 @@ from typing import Any
 
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.stages.calibration import calibration_token_ids
+from edgelm.calibration import calibration_token_ids
 
 logger = logging.getLogger(__name__)
 

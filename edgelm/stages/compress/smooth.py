@@ -19,7 +19,7 @@ from typing import Any
 from edgelm.errors import StageError
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.stages.calibration import calibration_token_ids, observe_linear_inputs
+from edgelm.calibration import calibration_token_ids, observe_linear_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import StageError
-from edgelm.onnx_graph import count_ops  # noqa: F401  (edgelm.stages.fuse.count_ops: tests and benchmarks use it)
+from edgelm.onnx_graph import count_ops  # noqa: F401  (edgelm.stages.optimize.count_ops: tests and benchmarks use it)
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.export import PARITY_TEXT, kv_shape, onnx_logits
+from edgelm.stages.export.decoder import PARITY_TEXT, kv_shape, onnx_logits
 from edgelm_runtime.bundle import MODEL_FILE
 
 logger = logging.getLogger(__name__)

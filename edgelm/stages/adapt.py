@@ -22,7 +22,7 @@ from typing import Any
 from edgelm.config.recipe import AdapterSpec
 from edgelm.errors import AdapterError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.load import _first_line
+from edgelm.stages.load.model import _first_line
 from edgelm_runtime.bundle import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class MergeAdapters:
     title = "Merge LoRA adapters (verified against the unmerged model)"
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
-        from edgelm.stages.calibration import calibration_token_ids
+        from edgelm.calibration import calibration_token_ids
 
         if not state.plan.adapters:
             return {"adapters": 0}

@@ -17,7 +17,7 @@ from typing import Any
 from edgelm.config.profile import StaticQDQ
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.stages.calibration import calibration_token_ids
+from edgelm.calibration import calibration_token_ids
 
 PROBE_WINDOWS, PROBE_TOKENS = 4, 128  # one [4, 128] batch per group: 8 unbatched samples took 835 s on SmolLM2
 

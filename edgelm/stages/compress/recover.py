@@ -16,7 +16,7 @@ from typing import Any
 
 from edgelm.config.recipe import RecoverySettings
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import calibration_texts
+from edgelm.calibration import calibration_texts
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 naming the file or field, a `hint:` with the fix, exit code 2, no traceback, and nothing written.
 
 Each case's id is its row in the README. (Disk full and interrupted builds need a subprocess and
-live in tests/test_cli.py and tests/test_interrupted_build.py.)"""
+live in tests/integration/test_cli.py and tests/integration/test_interrupted_build.py.)"""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Callable
 import pytest
 
 from tests.stages.test_adapters import make_adapter
-from tests.test_cli import _assert_clean_error, _run
-from tests.test_cli_adapters import _other_base
+from tests.integration.test_cli import _assert_clean_error, _run
+from tests.integration.test_cli_adapters import _other_base
 
 
 def _copy_model(tiny_model_dir: Path, tmp: Path) -> Path:

@@ -23,7 +23,7 @@ from edgelm.arch import for_model, shrink_linear
 from edgelm.config.recipe import PruneSettings
 from edgelm.errors import ConfigError
 from edgelm.pipeline.stage import BuildState, Progress
-from edgelm.stages.calibration import calibration_token_ids, observe_linear_inputs
+from edgelm.calibration import calibration_token_ids, observe_linear_inputs
 
 logger = logging.getLogger(__name__)
 CHANNEL_MULTIPLE = 32  # MLP channels kept per layer: a multiple of the int8/int4 block along K
@@ -301,7 +301,7 @@ class Prune:
                       "layers": model.config.num_hidden_layers, "perplexity_before": round(before["perplexity"], 3),
                       "perplexity_pruned": round(pruned_ppl, 3)})
         if teacher is not None:
-            from edgelm.stages.recover import distill
+            from edgelm.stages.compress.recover import distill
 
             recovery = distill(model, teacher, state, settings.recover, progress)
             del teacher

@@ -3,7 +3,7 @@
 The graph is quantized once; a trial then restores chosen MatMuls to fp32 by rewiring them past
 their QuantizeLinear/DequantizeLinear pairs (seconds), instead of re-running calibration and
 quantization (a minute each). Candidates are grouped by the activation they read (q/k/v share
-one) and ranked by their measured sensitivity (sensitivity.py: the KL each group causes when it
+one) and ranked by their measured sensitivity (stages/compress/sensitivity.py: the KL each group causes when it
 alone is quantized), or by the input's outlier ratio when none was measured; the search
 finds the shortest ranked prefix that passes, by doubling and then bisection."""
 
@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 
 from edgelm.eval.metrics import window_stats
-from edgelm.stages.fused_export import PACKED_INPUTS
-from edgelm.stages.sensitivity import group_key
+from edgelm.stages.export.fused import PACKED_INPUTS
+from edgelm.stages.compress.sensitivity import group_key
 from edgelm_runtime.scoring import log_softmax
 
 logger = logging.getLogger(__name__)
@@ -127,15 +127,3 @@ def search_prefix(passes: Callable[[int], bool], size: int) -> int | None:
         else:
             low = middle
     return high
-
-
-def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
-    """Human-readable list of the gates `metrics` misses (empty: passes)."""
-    failed = []
-    if gates.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > gates.max_perplexity_ratio:
-        failed.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {gates.max_perplexity_ratio}")
-    if gates.min_top1_agreement is not None and metrics["top1_agreement"] < gates.min_top1_agreement:
-        failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gates.min_top1_agreement}")
-    if gates.max_kl_divergence is not None and metrics["kl_divergence"] > gates.max_kl_divergence:
-        failed.append(f"KL divergence {metrics['kl_divergence']:.4g} > {gates.max_kl_divergence}")
-    return failed

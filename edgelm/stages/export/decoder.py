@@ -6,7 +6,7 @@ runs it (optimum-onnx 0.1 needs transformers < 4.58 and silently exports SmolLM2
 rope_theta), keeps tied embeddings as one initializer, and gives one graph for prefill (empty
 past) and decode. Parity with PyTorch, with and without past, is checked here, every build.
 
-The fused route (fused_export.py, GroupQueryAttention) is taken for every family it can express;
+The fused route (fused.py, GroupQueryAttention) is taken for every family it can express;
 a model it cannot express comes here, the reason recorded as the export's `fused_refused` fact."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def export_decoder(model: Any, path: Path, opset: int, fused: bool = False, max_
     ids, mask = torch.ones(b, s, dtype=torch.int64), torch.ones(b, s + p, dtype=torch.int64)
     past = [torch.zeros(b, kv_heads, p, head_dim) for _ in past_names]
     if fused:
-        from edgelm.stages.fused_export import fused_decoder, translation_table
+        from edgelm.stages.export.fused import fused_decoder, translation_table
 
         module, sample, names = fused_decoder(model, max_positions), (ids, mask, *past), inputs[:2]
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past_names))
@@ -215,7 +215,7 @@ class ExportOnnx:
     title = "Export ONNX decoder with KV cache (torch.onnx dynamo)"
 
     def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
-        from edgelm.stages.fused_export import fused_export_refusal
+        from edgelm.stages.export.fused import fused_export_refusal
 
         path = state.work_dir / "reference" / "model.onnx"
         settings = state.plan.profile.export

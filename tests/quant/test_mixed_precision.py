@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from edgelm.stages.mixed_precision import ranked_groups, search_prefix, unpacked
+from edgelm.quant.mixed_precision import ranked_groups, search_prefix, unpacked
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 3, 5, 8])
@@ -81,8 +81,8 @@ def test_sensitivity_ranks_the_group_that_quantizes_worst_first(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from edgelm.config.profile import StaticQDQ
-    from edgelm.stages.sensitivity import measure_sensitivity
-    from edgelm.stages.smooth import collect_input_stats
+    from edgelm.stages.compress.sensitivity import measure_sensitivity
+    from edgelm.stages.compress.smooth import collect_input_stats
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     samples = [[5, 17, 42, 99, 7, 3, 250, 11] * 4, [8, 1, 33, 120, 64, 2] * 5]
