@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "edgelm.api": ("PIPELINE", "BuildReport", "EvalReport", "build", "evaluate", "plan_build"),
+    "edgelm.api": ("PHASES", "PIPELINE", "BuildReport", "EvalReport", "build", "evaluate", "plan_build"),
     "edgelm.config": ("BuildOverrides", "BuildPlan", "DeviceProfile", "Recipe", "list_profiles", "load_profile", "load_recipe", "resolve"),
     "edgelm.errors": ("AdapterError", "BundleExistsError", "ConfigError", "EdgelmError", "ModelLoadError",
                       "QualityGateError", "StageError"),

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgelm.pipeline.results import from_record, size_split_note
 from edgelm_runtime.bundle import Manifest
 
 
@@ -175,88 +176,6 @@ def bench_plot(result: dict[str, Any], path: Any) -> None:
     plt.close(figure)
 
 
-def _stage_notes(name: str, facts: dict[str, Any]) -> str:
-    if name == "load":
-        return f"{facts['model']} ({facts['format']}, {facts['parameters'] / 1e6:.1f}M params)"
-    if name == "export":
-        p = facts["parity"]
-        graph = {"fused": "fused (packed QKV, GroupQueryAttention, packed gate/up)"}.get(facts.get("graph"), "generic")
-        if facts.get("fused_refused"):
-            graph += f" ({facts['fused_refused']})"
-        role = "fp32 reference: " if facts.get("role") == "reference" else ""
-        return f"{role}{graph}, {facts['size_mb']} MB, parity {max(p['max_abs_diff_no_past'], p['max_abs_diff_with_past']):.1e}"
-    if name == "fuse":
-        return ", ".join(f"{op} x{n}" for op, n in facts.get("fused", {}).items()) or facts.get("skipped", "")
-    if name == "quantize":  # the scheme that made these facts words them (edgelm/quant/)
-        from edgelm.quant import scheme_for_mode
-
-        return scheme_for_mode(facts["mode"]).note(facts)
-    if name == "smooth":
-        if "skipped" in facts:
-            return facts["skipped"]
-        ratio = f"max input outlier ratio {facts['max_outlier_ratio_before']}"
-        if "alpha" in facts:
-            return f"alpha {facts['alpha']}, {facts['smoothed_linears']} Linears, {ratio} -> {facts['max_outlier_ratio_after']}"
-        return f"off; {ratio}"
-    if name == "awq":
-        if "skipped" in facts:
-            return facts["skipped"]
-        return (f"{facts['groups']} inputs, mean alpha {facts['mean_alpha']}, 4-bit output error "
-                f"{facts['mean_relative_error_before']:.3g} -> {facts['mean_relative_error_after']:.3g}")
-    if name == "sensitivity":
-        if "skipped" in facts:
-            return facts["skipped"]
-        worst = ", ".join(list(facts["most_sensitive"])[:3])
-        return f"{facts['groups']} groups on {facts['probe_tokens']} tokens; most sensitive: {worst}"
-    if name == "adapters":
-        if not facts.get("adapters"):
-            return "none"
-        note = (f"{facts['adapters']} merged, logits vs unmerged max diff {facts['merge_max_abs_diff']:.1e}, "
-                f"shift vs base {facts['logit_shift']:.3g}")
-        return note + "".join(f"; [yellow]warning: {w}[/]" for w in facts.get("warnings", []))
-    if name == "prune":
-        what = []
-        if facts.get("mlp_channels"):
-            sizes = sorted(set(facts["mlp_channels"]))
-            what.append(f"MLP channels {sizes[0]}" + (f"-{sizes[-1]}" if len(sizes) > 1 else "") + " per layer")
-        if "kv_heads" in facts:
-            what.append(f"{facts['kv_heads']} KV heads")
-        if facts.get("dropped_layers"):
-            what.append(f"layers {', '.join(map(str, facts['dropped_layers']))} dropped")
-        if "zeroed_fraction" in facts:
-            what.append(f"{facts['zeroed_fraction']:.0%} of layer weights zero")
-        note = (f"{facts['kind']} ({facts['importance']}): {facts['params_before'] / 1e6:.4g}M -> "
-                f"{facts['params_after'] / 1e6:.4g}M params, {'; '.join(what) or 'nothing removed'}; "
-                f"ppl {facts['perplexity_before']:.2f} -> {facts['perplexity_pruned']:.2f}")
-        if "recovery" in facts:
-            r = facts["recovery"]
-            note += f" -> {r['perplexity_after']:.2f} after {r['steps']} {r['method']} distillation steps ({r['seconds']:.0f} s)"
-        return note
-    if name == "static":
-        return (f"prefill {facts['prefill_len']} tokens + decode 1, KV window {facts['kv_window']}, "
-                f"{facts['projections']} projections, parity {facts['parity']['max_abs_diff']:.1e}")
-    if name == "device":
-        graphs = facts["graphs"]
-        return (f"{', '.join(graphs)}: every op in allowed_ops ({facts['allowed_ops']} listed)"
-                f"{', every dimension static' if all(g['static'] for g in graphs.values()) else ''}")
-    if name == "package":
-        split = facts.get("size_split")
-        return f"{facts['size_mb']} MB" + (f" ({size_split_note(split)})" if split else "")
-    if name == "quality":
-        where = "" if facts.get("measured_on", facts.get("provider")) == facts.get("provider") else \
-            f" (on {facts['measured_on']}: no {facts['provider']} here)"
-        return (f"ppl {facts['perplexity']:.2f} vs {facts['reference_perplexity']:.2f} "
-                f"(x{facts['perplexity_ratio']:.3f}), top-1 {facts['top1_agreement']:.3f}{where}")
-    return ""
-
-
-def size_split_note(split: dict[str, Any]) -> str:
-    """model.onnx's weights by role; a tied head shares the embedding's bytes, counted once."""
-    mb = lambda value: f"{value:.1f}" if value >= 10 else f"{value:.2f}"  # noqa: E731
-    head = "head tied to the embedding (counted once)" if split["head_tied"] else f"head {mb(split['head_mb'])} MB"
-    return f"embedding {mb(split['embedding_mb'])} MB, layers {mb(split['layers_mb'])} MB, {head}"
-
-
 def precision(profile: Any) -> str:
     """A profile's numeric format in a few words (edgelm profiles), as its scheme words it; an
     unregistered config type is refused (edgelm.quant.scheme_for), never guessed."""
@@ -275,11 +194,11 @@ def _pruning_result(pruning: dict[str, Any]) -> str:
 
 
 def build_summary(report: Any) -> Table:
+    """One row per stage this build used, in order (the others are in the manifest), as each result words itself."""
     table = Table("stage", "seconds", "result", title=f"edgelm build: {report.manifest.name} ({report.manifest.profile})")
-    for name, facts in report.facts.items():
-        if ("skipped" in facts and name != "fuse") or (name == "adapters" and not facts.get("adapters")):
-            continue  # stages this build did not use (recorded in the manifest)
-        table.add_row(name, f"{report.seconds.get(name, 0):.1f}", _stage_notes(name, facts))
+    for name, result in report.results.items():
+        if result.shown:
+            table.add_row(name, f"{report.seconds.get(name, 0):.1f}", result.note())
     if report.manifest.pruning:
         table.add_row("pruned", "", _pruning_result(report.manifest.pruning))
     table.add_row("total", f"{sum(report.seconds.values()):.1f}", "")
@@ -305,8 +224,9 @@ def manifest_summary(manifest: Manifest) -> Table:
         table.add_row("static shapes", f"prefill {static.prefill_len} tokens per run, decode 1, KV window "
                                        f"{static.kv_window} (the context limit)")
     for name in ("prune", "export", "static", "fuse", "quantize", "device", "quality"):
-        if name in stages and not (name in ("prune", "static", "device") and "skipped" in stages[name]):
-            table.add_row(name, _stage_notes(name, stages[name]))
+        result = from_record(name, stages[name]) if name in stages else None
+        if result is not None and result.shown:
+            table.add_row(name, result.note())
     if manifest.pruning:
         table.add_row("pruned", _pruning_result(manifest.pruning))
     return _keep_digits(table)

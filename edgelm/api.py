@@ -1,8 +1,9 @@
 """The library API that the CLI and tests call: plan_build(), build(), evaluate().
 
-`PIPELINE` is the whole build, in order. Package runs before CheckQuality because the quality
-check evaluates the finished bundle through edgelm_runtime; the manifest is then completed
-with the quality numbers and published atomically."""
+`PHASES` is the whole build, top to bottom, in named phases. The package phase lays the bundle's
+files out first, then proves their quality through edgelm_runtime (the code apps run) against
+the fp32 export, and only then writes manifest.json, once, from the typed stage results
+(edgelm/pipeline/results.py). The workspace publishes the folder atomically at the end."""
 
 from __future__ import annotations
 
@@ -12,38 +13,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelm.config._yaml import validate
 from edgelm.config.plan import DEFAULT_MODEL, BuildOverrides, BuildPlan, apply_overrides, resolve
 from edgelm.config.profile import DeviceProfile, QualityGates, load_profile
-from edgelm.config._yaml import validate
 from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
 from edgelm.errors import ConfigError, write_error
-from edgelm.hardware import preflight_warnings
-from edgelm_runtime.hardware import host_features
 from edgelm.eval.evaluate import evaluate as measure, gate_misses, raise_missed
-from edgelm.eval.text import load_eval_text
+from edgelm.hardware import preflight_warnings
+from edgelm.pipeline.results import ManifestResult, StageResult
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
 from edgelm.pipeline.workspace import Workspace
+from edgelm.stages.adapt import MergeAdapters
 from edgelm.stages.check.device import CheckDevice
 from edgelm.stages.check.quality import CheckQuality
-from edgelm.stages.export.decoder import ExportOnnx
-from edgelm.stages.optimize import FuseGraph
-from edgelm.stages.adapt import MergeAdapters, read_adapters
 from edgelm.stages.compress.awq import ActivationAwareScales
-from edgelm.calibration import read_calibration_file
-from edgelm.stages.load.model import LoadModel, context_length, locate_model, looks_like_hub_name, model_config, source_fingerprint
-from edgelm.stages.package import Package, finalize_manifest
-from edgelm.stages.compress.prune import Prune, check_prune_fits
-from edgelm.stages.quantize import Quantize
+from edgelm.stages.compress.prune import Prune
 from edgelm.stages.compress.sensitivity import MeasureSensitivity
 from edgelm.stages.compress.smooth import Smooth
+from edgelm.stages.export.decoder import ExportOnnx
 from edgelm.stages.export.static import ExportStatic
+from edgelm.stages.load.model import LoadModel, locate_model, looks_like_hub_name, source_fingerprint
+from edgelm.stages.optimize import FuseGraph
+from edgelm.stages.package import Package, WriteManifest
+from edgelm.stages.preflight import Preflight, preflight  # noqa: F401  (api.preflight: a plan's inputs alone)
+from edgelm.stages.quantize import Quantize
 from edgelm_runtime.bundle import Manifest, read_manifest
+from edgelm_runtime.hardware import host_features
 
 logger = logging.getLogger(__name__)
 
-PIPELINE = (LoadModel(), MergeAdapters(), Prune(), Smooth(), ActivationAwareScales(), MeasureSensitivity(), ExportOnnx(),
-            ExportStatic(), FuseGraph(), Quantize(), CheckDevice(), Package(), CheckQuality())
+PHASES = (
+    ("preflight", (Preflight(),)),                  # inputs checked in a second, before any weight loads
+    ("load", (LoadModel(),)),                        # fp32 weights from safetensors or GGUF, tokenizer, template
+    ("adapt", (MergeAdapters(),)),                   # LoRA adapters merged, checked against the unmerged model
+    ("compress", (Prune(), Smooth(), ActivationAwareScales(), MeasureSensitivity())),  # torch-side, before export
+    ("export", (ExportOnnx(), ExportStatic())),      # ONNX with a KV cache (+ fixed-shape graphs for NPUs)
+    ("optimize", (FuseGraph(),)),                    # onnxruntime's transformer fusions, parity re-checked
+    ("quantize", (Quantize(),)),                     # the profile's scheme (edgelm/quant/)
+    ("check", (CheckDevice(),)),                     # ops and shapes the device takes
+    ("package", (Package(), CheckQuality(), WriteManifest())),  # files, their proven quality, the manifest once
+)
+PIPELINE = tuple(stage for _, stages in PHASES for stage in stages)
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,12 @@ class BuildReport:
     output: Path
     manifest: Manifest
     seconds: dict[str, float]
-    facts: dict[str, dict[str, Any]]
+    results: dict[str, StageResult]   # each stage's typed result, in build order
+
+    @property
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """Each stage's result as the manifest records it (provenance.stages)."""
+        return {name: result.record() for name, result in self.results.items()}
 
 
 def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
@@ -129,38 +145,24 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def preflight(plan: BuildPlan) -> None:
-    """Check the user's inputs before any heavy work, so a typo fails in a second, not a minute:
-    the model (a path or a cached org/name), its family and context (the load stage reuses the config)."""
-    locate_model(plan.model)
-    config = model_config(plan.model)
-    context_length(config, plan.max_seq_len, plan.model)
-    if plan.prune is not None:
-        check_prune_fits(plan.prune, config)
-    read_adapters(plan.adapters)
-    if plan.calibration.source != "builtin":
-        read_calibration_file(Path(plan.calibration.source))
-    load_eval_text(plan.quality.eval_text)
-
-
 def host_warnings(plan: BuildPlan) -> list[str]:
     """Warnings about building `plan` on this machine (shown before the build, never fatal)."""
     return preflight_warnings(plan.profile, host_features())
 
 
 def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Progress = no_progress) -> BuildReport:
+    """Run PHASES on `plan` into a temporary folder beside `output`, then publish it there (an
+    existing bundle only with force=True, and only once the new one is complete)."""
     Workspace(Path(output), force=force).check_output()
-    preflight(plan)
     try:
         with Workspace(Path(output), force=force) as workspace:
-            state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir,
-                               build_host=host_features())
+            state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir)
             run_stages(PIPELINE, state, progress)
-            manifest = finalize_manifest(state, quality=state.facts.get(CheckQuality.name, {}))
             published = workspace.publish()
     except OSError as exc:  # creating the temporary folder, the manifest, the final rename
         raise (write_error(exc, str(output)) or exc) from exc
-    return BuildReport(output=published, manifest=manifest, seconds=dict(state.seconds), facts=state.facts)
+    return BuildReport(output=published, manifest=state.result(ManifestResult).manifest, seconds=dict(state.seconds),
+                       results=dict(state.results))
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,13 @@ def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None
     return [ids[:max_tokens] for ids in encoded if ids]
 
 
+def plan_token_ids(state: Any) -> list[list[int]]:
+    """The build's calibration samples (its plan's `calibration`), as the torch-side passes read them."""
+    calibration = state.plan.calibration
+    return calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
+                                 calibration.max_prompt_tokens)
+
+
 def observe_linear_inputs(model: Any, token_ids: list[list[int]], observe: Callable[[str, Any], None],
                           on_sample: Callable[[int], None] = lambda i: None) -> None:
     """Run the PyTorch model on calibration token ids and hand every decoder Linear's input to

@@ -363,3 +363,18 @@ def tiny_static_bundles(tiny_model_dir, tiny_recipe, tmp_path_factory) -> dict[s
     folder = tmp_path_factory.mktemp("static")
     return {kind: _build(tiny_model_dir, tiny_recipe, str(npu_profile(folder, quantized=kind == "qdq")),
                          folder / f"tiny-npu-{kind}").output for kind in ("fp32", "qdq")}
+
+
+def run_until(plan, tmp_path: Path, last: str):
+    """A BuildState after the build's stages up to and including `last` (edgelm.api.PIPELINE
+    order): a focused pass test starts from the state its pass really gets."""
+    from edgelm import api
+    from edgelm.pipeline.runner import run_stages
+    from edgelm.pipeline.stage import BuildState, no_progress
+
+    names = [stage.name for stage in api.PIPELINE]
+    stages = api.PIPELINE[: names.index(last) + 1]
+    (tmp_path / "work").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "bundle").mkdir(parents=True, exist_ok=True)
+    state = BuildState(plan=plan, work_dir=tmp_path / "work", bundle_dir=tmp_path / "bundle")
+    return run_stages(stages, state, no_progress)

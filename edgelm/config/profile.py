@@ -155,19 +155,13 @@ class DeviceProfile(Frozen):
             if self.fusions.enabled:
                 raise ValueError("fusions.enabled: static graphs are not fused by onnxruntime's optimizer "
                                  "(its fused ops take dynamic shapes); set fusions.enabled: false")
-            if quantization.mode not in ("none", "static-qdq"):
-                raise ValueError(f"quantization.mode: static graphs take none or static-qdq (got {quantization.mode})")
-            if quantization.mode == "static-qdq" and quantization.ops != "all":
-                raise ValueError("quantization.ops: static graphs are quantized on every op (ops: all)")
-            if quantization.mode == "static-qdq" and quantization.calibration_method != "minmax":
-                raise ValueError("quantization.calibration_method: ops: all calibrates with minmax only "
-                                 "(histograms of every tensor are not streamed yet)")
-        else:
-            if export.projections != "matmul":
-                raise ValueError("export.projections: conv1x1 needs export.static_shapes: true")
-            if quantization.mode == "static-qdq" and quantization.ops == "all":
-                raise ValueError("quantization.ops: all needs export.static_shapes: true (the dynamic graph's "
-                                 "fused attention has no QDQ form)")
+        elif export.projections != "matmul":
+            raise ValueError("export.projections: conv1x1 needs export.static_shapes: true")
+        from edgelm.quant import scheme_for  # the scheme knows which exports it can quantize
+
+        refusal = scheme_for(quantization).export_refusal(export, quantization)
+        if refusal:
+            raise ValueError(refusal)
         return self
 
 

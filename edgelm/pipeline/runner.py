@@ -1,4 +1,5 @@
-"""Run the stages in order: time each, report progress, turn unexpected failures into StageError."""
+"""Run the stages in order: time each, keep its typed result, report progress, turn unexpected
+failures into StageError."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from edgelm.errors import EdgelmError, StageError, write_error
+from edgelm.pipeline.results import StageResult
 from edgelm.pipeline.stage import BuildState, Progress, Stage
 
 logger = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ def run_stages(stages: Sequence[Stage], state: BuildState, progress: Progress) -
         start = time.perf_counter()
         progress(stage.name, 0, None, stage.title)
         try:
-            facts = stage.run(state, progress)
+            result = stage.run(state, progress)
         except EdgelmError:
             raise
         except OSError as exc:
@@ -34,8 +36,10 @@ def run_stages(stages: Sequence[Stage], state: BuildState, progress: Progress) -
             raise StageError(stage.name, f"{type(exc).__name__}: {_first_line(exc)}",
                              hint="rerun with --debug for the full traceback, and report it") from exc
         state.seconds[stage.name] = round(time.perf_counter() - start, 2)
-        state.facts[stage.name] = facts or {}
-        logger.info("%s done in %.1fs: %s", stage.name, state.seconds[stage.name], facts)
+        if not isinstance(result, StageResult):
+            raise TypeError(f"stage {stage.name} returned {type(result).__name__}, not a StageResult")
+        state.results[stage.name] = result
+        logger.info("%s done in %.1fs: %s", stage.name, state.seconds[stage.name], result.record())
         progress(stage.name, 1, 1, stage.title)
     return state
 

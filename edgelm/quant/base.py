@@ -24,6 +24,12 @@ def _no_needs(settings: Any) -> frozenset[str]:
     return frozenset()
 
 
+def _dynamic_shapes_only(export: Any, settings: Any) -> str | None:
+    if export.static_shapes:
+        return f"quantization.mode: static graphs take none or static-qdq (got {settings.mode})"
+    return None
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One quantization scheme. Every callable takes the profile's `quantization` settings (of the
@@ -35,6 +41,8 @@ class Scheme:
     note: Callable[[dict[str, Any]], str]                 # quantize facts -> build summary / inspect row
     prep: Mapping[str, Callable[[Any], bool]] = field(default_factory=dict)  # pass -> applies to these settings?
     needs: Callable[[Any], frozenset[str]] = _no_needs     # host features its compute needs to be fast
+    # (profile.export, settings) -> why the profile's export cannot take this scheme (the field named), or None
+    export_refusal: Callable[[Any, Any], str | None] = _dynamic_shapes_only
 
     def skip_reason(self, pass_name: str, settings: Any) -> str | None:
         """None when the pre-export pass `pass_name` applies to `settings`, else why it is skipped."""

@@ -13,4 +13,5 @@ def quantize(state: Any, settings: NoQuantization, progress: Any) -> dict[str, A
     return {"mode": settings.mode}
 
 
-SCHEME = Scheme(mode="none", quantize=quantize, label=lambda profile: "fp32", note=lambda facts: "none (fp32)")
+SCHEME = Scheme(mode="none", quantize=quantize, label=lambda profile: "fp32", note=lambda facts: "none (fp32)",
+                export_refusal=lambda export, settings: None)  # any graph can stay fp32

@@ -151,7 +151,10 @@ def _search(state: Any, float_path: Path, target: Path, candidates: dict[str, st
                          hint="set quality.max_perplexity_ratio (or --accuracy-budget), or mixed_precision: off")
     quantized = onnx.load(str(target), load_external_data=True)
     float_weights = {i.name: i for i in onnx.load(str(float_path), load_external_data=True).graph.initializer}
-    groups = ranked_groups(candidates, state.sensitivity or state.activation_stats)
+    from edgelm.pipeline.results import SensitivityResult, SmoothResult
+
+    sensitivity, smooth = state.result(SensitivityResult), state.result(SmoothResult)
+    groups = ranked_groups(candidates, (sensitivity.by_module if sensitivity else {}) or smooth.outlier_ratios)
     windows = eval_windows(quality.eval_text, quality.windows, quality.window_len,
                            lambda text: state.tokenizer(text, add_special_tokens=False)["input_ids"])
     kv = kv_shape(state.model.config)
@@ -201,8 +204,20 @@ def note(facts: dict[str, Any]) -> str:
     return text
 
 
+def export_refusal(export: Any, settings: StaticQDQ) -> str | None:
+    """Static graphs are quantized on every op with minmax; the dynamic graph only on weight MatMuls."""
+    if export.static_shapes and settings.ops != "all":
+        return "quantization.ops: static graphs are quantized on every op (ops: all)"
+    if export.static_shapes and settings.calibration_method != "minmax":
+        return "quantization.calibration_method: ops: all calibrates with minmax only (histograms of every tensor are not streamed yet)"
+    if not export.static_shapes and settings.ops == "all":
+        return ("quantization.ops: all needs export.static_shapes: true (the dynamic graph's fused attention has "
+                "no QDQ form)")
+    return None
+
+
 SCHEME = Scheme(
-    mode="static-qdq", quantize=quantize, label=label, note=note,
+    mode="static-qdq", quantize=quantize, label=label, note=note, export_refusal=export_refusal,
     needs=lambda settings: frozenset({INT8_DOT_PRODUCT}),
     # Smooth always runs: its activation stats rank MatMuls for mixed precision and its ranges feed
     # the sensitivity probe; it smooths only when smoothquant_alpha is set.

@@ -1,1 +1,2 @@
-"""One module per build stage. `PIPELINE` in edgelm.api lists them in order."""
+"""The build stages, one module or folder per phase of edgelm.api.PHASES (preflight, load, adapt,
+compress, export, optimize, quantize, check, package)."""

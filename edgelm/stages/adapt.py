@@ -21,6 +21,7 @@ from typing import Any
 
 from edgelm.config.recipe import AdapterSpec
 from edgelm.errors import AdapterError
+from edgelm.pipeline.results import AdaptersResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.load.model import _first_line
 from edgelm_runtime.bundle import sha256_file
@@ -165,19 +166,18 @@ class MergeAdapters:
     name = "adapters"
     title = "Merge LoRA adapters (verified against the unmerged model)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> AdaptersResult:
         from edgelm.calibration import calibration_token_ids
 
         if not state.plan.adapters:
-            return {"adapters": 0}
+            return AdaptersResult(adapters=0)
         adapters = read_adapters(state.plan.adapters)
         probe = calibration_token_ids(state.plan.calibration.source, state.tokenizer, state.chat_template,
                                       PROBE_SAMPLES, PROBE_TOKENS)
         state.model, records = merge_adapters(state.model, adapters, probe, progress)
-        state.adapters = records
         warnings = [f"{Path(r['path']).name}: merging it changed no logit" for r in records if r["no_effect"]]
-        return {"adapters": len(records), "merge_max_abs_diff": max(r["merge_max_abs_diff"] for r in records),
-                "logit_shift": max(r["logit_shift"] for r in records), "warnings": warnings}
+        return AdaptersResult(adapters=len(records), merge_max_abs_diff=max(r["merge_max_abs_diff"] for r in records),
+                              logit_shift=max(r["logit_shift"] for r in records), warnings=warnings, merged=records)
 
 
 def read_adapters(specs: tuple[AdapterSpec, ...] | list[AdapterSpec]) -> list[AdapterFiles]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgelm.errors import StageError
 from edgelm.onnx_graph import count_ops  # noqa: F401  (edgelm.stages.optimize.count_ops: tests and benchmarks use it)
+from edgelm.pipeline.results import FuseResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import PARITY_TEXT, kv_shape, onnx_logits
 from edgelm_runtime.bundle import MODEL_FILE
@@ -43,10 +44,10 @@ class FuseGraph:
     name = "fuse"
     title = "Fuse graph (onnxruntime.transformers optimizer)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> FuseResult:
         settings = state.plan.profile.fusions
         if not settings.enabled:
-            return {"fused": {}, "skipped": "fusions disabled by the profile"}
+            return FuseResult(fused={}, skipped="fusions disabled by the profile")
         target = state.work_dir / "fused" / MODEL_FILE
         fused = fuse(state.current_onnx, target, state.model.config)
         missing = [op for op in settings.required if fused.get(op, 0) == 0]
@@ -62,4 +63,4 @@ class FuseGraph:
             raise StageError(self.name, f"fused graph differs from the export by {diff:.3g}",
                              hint="disable fusions in the profile (fusions.enabled: false) and report this")
         state.current_onnx = target
-        return {"fused": fused, "max_abs_diff_vs_export": diff}
+        return FuseResult(fused=fused, max_abs_diff_vs_export=diff)

@@ -1,9 +1,11 @@
-"""Write the bundle: model.onnx (+ model.onnx.data), tokenizer.json, chat template, manifest.json
-(the names are the runtime's: edgelm_runtime.bundle).
+"""Package the bundle: model.onnx (+ model.onnx.data), tokenizer.json, chat template, and at the
+very end manifest.json (the names are the runtime's: edgelm_runtime.bundle).
 
-The manifest is written with the runtime's own classes (edgelm_runtime.bundle), so what the
-compiler writes is exactly what the runtime reads. Quality numbers and stage timings are added
-by `finalize_manifest` once every stage has run. The package facts (kept in the manifest) split
+The Package stage writes the files and assembles the runtime's part of the Manifest in memory;
+the quality check opens the bundle with it through edgelm_runtime; the WriteManifest stage, last,
+adds the plan, adapters, pruning, fusions, quality and provenance from the typed stage results
+and writes manifest.json once. The manifest uses the runtime's own classes, so what the compiler
+writes is exactly what the runtime reads. The package result (kept in the manifest) splits
 model.onnx's weights into embedding, layers and head MB (graph_roles.size_split): with a large
 vocabulary the embedding and head can outweigh the layers, which the profile's `embeddings` and
 `lm_head` fields trade."""
@@ -18,12 +20,14 @@ from typing import Any
 
 import onnx
 
+from edgelm.pipeline.results import (AdaptersResult, FuseResult, ManifestResult, PackageResult, PruneResult,
+                                     QualityResult)
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import kv_shape
 from edgelm.graph_roles import size_split
 from edgelm.onnx_graph import save_external
-from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE, KVLayout, Manifest,
-                                   ModelIO, describe_files, read_manifest, write_manifest)
+from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MANIFEST_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE, KVLayout,
+                                   Manifest, ModelIO, describe_files, write_manifest)
 from edgelm_runtime.prompts import write_prompts
 
 _VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime")
@@ -84,9 +88,10 @@ def save_static_graphs(prefill: Path, decode: Path, dest: Path, decode_file: str
 
 def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, profile: str, provider: str,
                     session_options: dict[str, Any], provenance: dict[str, Any], static: Any = None,
-                    provider_options: dict[str, dict[str, Any]] | None = None) -> Manifest:
+                    provider_options: dict[str, dict[str, Any]] | None = None, write: bool = True) -> Manifest:
     """`static`: StaticGraphs (prefill + decode) instead of the one graph at `onnx_path`.
-    `provider_options`: {provider: {option: value}} the runtime hands onnxruntime with that provider."""
+    `provider_options`: {provider: {option: value}} the runtime hands onnxruntime with that provider.
+    write=False leaves manifest.json unwritten (the build writes it once, when everything is known)."""
     dest.mkdir(parents=True, exist_ok=True)
     if static is not None:
         save_static_graphs(static.prefill, static.decode, dest, static.layout.decode_model_file)
@@ -114,7 +119,8 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provider_options=dict(provider_options or {}), provenance=provenance,
         files=describe_files(dest))
-    write_manifest(dest, manifest)
+    if write:
+        write_manifest(dest, manifest)
     return manifest
 
 
@@ -155,40 +161,47 @@ class Package:
     name = "package"
     title = "Package bundle (model, tokenizer, templates, manifest)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> PackageResult:
         profile = state.plan.profile
-        assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name, profile.provider,
-                        session_options(state), provenance={}, static=state.static_graphs)
+        manifest = assemble_bundle(state.bundle_dir, state.current_onnx, state, state.plan.name, profile.name,
+                                   profile.provider, session_options(state), provenance={}, static=state.static_graphs,
+                                   write=False)
         size = sum(p.stat().st_size for p in state.bundle_dir.rglob("*") if p.is_file())
-        facts = {"size_mb": round(size / 1e6, 1), "files": sorted(p.name for p in state.bundle_dir.iterdir()),
-                 "size_split": size_split(onnx.load(str(state.bundle_dir / MODEL_FILE), load_external_data=False))}
-        if state.plan.prune is not None:  # zeros (unstructured, 2:4) shrink a bundle only once compressed
-            facts["compressed_mb"] = round(compressed_size(state.bundle_dir) / 1e6, 1)
-        return facts
+        # zeros (unstructured, 2:4) shrink a bundle only once compressed
+        compressed = round(compressed_size(state.bundle_dir) / 1e6, 1) if state.plan.prune is not None else None
+        return PackageResult(size_mb=round(size / 1e6, 1), files=sorted([p.name for p in state.bundle_dir.iterdir()] + [MANIFEST_FILE]),
+                             size_split=size_split(onnx.load(str(state.bundle_dir / MODEL_FILE), load_external_data=False)),
+                             compressed_mb=compressed, manifest=manifest)
 
 
-def pruning_record(state: BuildState, quality: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's `pruning`: the prune stage's facts, the bundle's size (plain and compressed)
+def pruning_record(prune: PruneResult | None, package: PackageResult, quality: QualityResult | None) -> dict[str, Any]:
+    """The manifest's `pruning`: what the prune stage did, the bundle's size (plain and compressed)
     and the finished bundle's perplexity against the *unpruned* fp32 model (the quality check
     compares with the pruned one)."""
-    pruning = state.facts.get("prune", {})
-    if not pruning or "skipped" in pruning:
+    if prune is None or prune.skipped:
         return {}
-    package = state.facts.get("package", {})
-    record = {**pruning, "bundle_mb": package.get("size_mb"), "compressed_mb": package.get("compressed_mb")}
-    if quality.get("perplexity") and pruning.get("perplexity_before"):
-        record["bundle_perplexity_ratio_vs_unpruned"] = round(quality["perplexity"] / pruning["perplexity_before"], 4)
+    record = {**prune.record(), "bundle_mb": package.size_mb, "compressed_mb": package.compressed_mb}
+    if quality is not None and quality.perplexity and prune.perplexity_before:
+        record["bundle_perplexity_ratio_vs_unpruned"] = round(quality.perplexity / prune.perplexity_before, 4)
     return record
 
 
-def finalize_manifest(state: BuildState, quality: dict[str, Any]) -> Manifest:
-    """Add the plan, the merged adapters, provenance (versions, source, every stage's facts and
-    seconds) and quality."""
-    manifest = read_manifest(state.bundle_dir)
-    provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
-                  "stages": {name: {"seconds": state.seconds.get(name), **facts} for name, facts in state.facts.items()}}
-    final = dataclasses.replace(manifest, quality=quality, plan=state.plan.summary(), adapters=list(state.adapters),
-                                pruning=pruning_record(state, quality),
-                                fusions=dict(state.facts.get("fuse", {}).get("fused", {})), provenance=provenance)
-    write_manifest(state.bundle_dir, final)
-    return final
+class WriteManifest:
+    """The build's last stage: the manifest, assembled once from the typed results, written once."""
+
+    name = "manifest"
+    title = "Write manifest.json (plan, provenance, quality, sha256 of every file)"
+
+    def run(self, state: BuildState, progress: Progress) -> ManifestResult:
+        package, quality, adapters = state.result(PackageResult), state.result(QualityResult), state.result(AdaptersResult)
+        fuse = state.result(FuseResult)
+        provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
+                      "stages": {name: {"seconds": state.seconds.get(name), **result.record()}
+                                 for name, result in state.results.items()}}
+        manifest = dataclasses.replace(
+            package.manifest, quality=quality.record() if quality else {}, plan=state.plan.summary(),
+            adapters=list(adapters.merged) if adapters else [],
+            pruning=pruning_record(state.result(PruneResult), package, quality),
+            fusions=dict(fuse.fused) if fuse else {}, provenance=provenance)
+        write_manifest(state.bundle_dir, manifest)
+        return ManifestResult(files=len(manifest.files), format_version=manifest.format_version, manifest=manifest)

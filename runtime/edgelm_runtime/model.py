@@ -30,12 +30,14 @@ Messages = list[dict[str, Any]]
 
 
 def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None,
-                provider: str | None = None) -> LanguageModel:
+                provider: str | None = None, manifest: Manifest | None = None) -> LanguageModel:
     """Open a bundle folder. File sizes are always checked; verify=True also checks every sha256.
     `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default);
-    `provider` the manifest's execution provider (e.g. run a GPU bundle on the CPU to check it)."""
+    `provider` the manifest's execution provider (e.g. run a GPU bundle on the CPU to check it).
+    `manifest`: open the folder with this manifest instead of its manifest.json (edgelm build
+    checks a bundle's quality before it writes the manifest, once)."""
     folder = Path(path)
-    manifest = verify_bundle(folder, check_hashes=verify)
+    manifest = verify_bundle(folder, manifest=manifest, check_hashes=verify)
     tokenizer = BundleTokenizer.from_file(resolve_inside(folder, manifest.tokenizer_file, "tokenizer_file"))
     if tokenizer.vocab_size > manifest.vocab_size:
         raise BundleError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "

@@ -21,7 +21,7 @@ def _load(model: str, tmp_path, **recipe):
 
     plan = resolve(Recipe(model=model, **recipe), load_profile("cpu-fp32"))
     state = BuildState(plan=plan, work_dir=tmp_path, bundle_dir=tmp_path)
-    facts = load.LoadModel().run(state, no_progress)
+    facts = load.LoadModel().run(state, no_progress).record()
     return state, facts
 
 

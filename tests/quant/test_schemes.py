@@ -12,7 +12,8 @@ from typing import Literal
 
 import pytest
 
-from edgelm._render import _stage_notes, precision
+from edgelm._render import precision
+from edgelm.pipeline.results import from_record
 from edgelm.config import load_profile
 from edgelm.config.profile import Frozen, Quantization, StaticQDQ, list_profiles
 from edgelm.errors import ConfigError
@@ -118,7 +119,7 @@ def test_the_prep_stages_record_the_units_skip_reason(name):
     for stage in (Smooth(), ActivationAwareScales(), MeasureSensitivity()):
         reason = PREP[name][stage.name]
         if reason is not None:
-            assert stage.run(state, lambda *a: None) == {"skipped": reason}
+            assert stage.run(state, lambda *a: None).record() == {"skipped": reason}
 
 
 def test_settings_not_the_profile_name_decide_the_passes():
@@ -144,16 +145,16 @@ def test_the_unit_states_its_hardware_needs(name):
 
 
 def test_the_unit_words_its_quantize_facts():
-    assert _stage_notes("quantize", {"mode": "none"}) == "none (fp32)"
-    assert _stage_notes("quantize", {"mode": "float16", "fp32_ops": ["Pow"], "size_mb_before": 2.0,
-                                     "size_mb_after": 1.0}) == \
+    assert from_record("quantize", {"mode": "none"}).note() == "none (fp32)"
+    assert from_record("quantize", {"mode": "float16", "fp32_ops": ["Pow"], "size_mb_before": 2.0,
+                                    "size_mb_after": 1.0}).note() == \
         "fp16 weights, activations and KV cache, fp32 kept: Pow, 2.0 -> 1.0 MB"
     facts = {"mode": "weight-only", "algorithm": "rtn", "bits": 4, "block_size": 32, "quantized_matmuls": 9,
              "int8_matmuls": 2, "quantized_embeddings": 1, "size_mb_before": 2.0, "size_mb_after": 0.5}
-    assert _stage_notes("quantize", facts) == "rtn 4-bit block 32, 9 MatMuls (2 at 8-bit) + embedding, 2.0 -> 0.5 MB"
+    assert from_record("quantize", facts).note() == "rtn 4-bit block 32, 9 MatMuls (2 at 8-bit) + embedding, 2.0 -> 0.5 MB"
     facts = {"mode": "static-qdq", "quantized_matmuls": 7, "kept_float": 2, "calibration_feeds": 12,
              "size_mb_before": 2.0, "size_mb_after": 0.6, "mixed_precision": {"trials": [{}, {}]}}
-    assert _stage_notes("quantize", facts) == "7 MatMuls, 12 calibration feeds, 2.0 -> 0.6 MB; auto: 2 fp32 after 2 trials"
+    assert from_record("quantize", facts).note() == "7 MatMuls, 12 calibration feeds, 2.0 -> 0.6 MB; auto: 2 fp32 after 2 trials"
 
 
 def test_no_stage_tests_a_quantization_config_type():

@@ -121,9 +121,9 @@ def test_untrained_adapter_is_reported(tiny_model_dir, tiny_recipe, tmp_path):
     plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="zero", adapters=[str(path)])
     state = BuildState(plan=plan, work_dir=tmp_path, bundle_dir=tmp_path / "b", model=base_model(tiny_model_dir),
                        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
-    facts = MergeAdapters().run(state, no_progress)
-    assert state.adapters[0]["no_effect"] and state.adapters[0]["logit_shift"] == 0.0
-    assert facts["warnings"] == ["zero: merging it changed no logit"]
+    result = MergeAdapters().run(state, no_progress)
+    assert result.merged[0]["no_effect"] and result.merged[0]["logit_shift"] == 0.0
+    assert result.warnings == ["zero: merging it changed no logit"]
 
 
 def test_bundle_with_adapter_runs_like_base_plus_adapter(tiny_model_dir, tiny_recipe, tmp_path):
@@ -251,6 +251,6 @@ def test_static_quantization_calibrates_the_merged_model_on_adapter_domain_text(
                           overrides=api.BuildOverrides(calibration_source=str(domain)), adapters=[str(path)])
     report = api.build(plan, tmp_path / "bundle")
     stages = report.manifest.provenance["stages"]
-    assert list(stages)[:2] == ["load", "adapters"] and stages["adapters"]["adapters"] == 1
+    assert list(stages)[:3] == ["preflight", "load", "adapters"] and stages["adapters"]["adapters"] == 1
     assert stages["quantize"]["calibration_source"] == str(domain) and stages["quantize"]["calibration_samples"] == 6
     assert report.manifest.quality["top1_agreement"] > 0.5

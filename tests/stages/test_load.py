@@ -105,7 +105,7 @@ def test_hub_name_resolves_in_the_local_cache(family_model_dirs, tmp_path, monke
     plan = api.plan_build(profile="cpu-fp32", model="tiny-org/tiny-qwen3", name="x")
     assert plan.model == "tiny-org/tiny-qwen3"  # kept as a name, not made into a path
     state = BuildState(plan=plan, work_dir=tmp_path, bundle_dir=tmp_path)
-    facts = load.LoadModel().run(state, no_progress)
+    facts = load.LoadModel().run(state, no_progress).record()
     assert facts["model"] == "tiny-org/tiny-qwen3" and facts["family"] == "qwen3"
     assert state.source["hub_name"] == "tiny-org/tiny-qwen3" and state.source["revision"] == snapshot.name
     assert state.source["path"] == str(snapshot) and state.source["format"] == "safetensors"

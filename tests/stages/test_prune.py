@@ -35,7 +35,7 @@ def _pruned_model(tiny_model_dir: Path, recipe: Path, tmp_path: Path):
     state = BuildState(plan=api.plan_build(profile="cpu-fp32", recipe=recipe, model=str(tiny_model_dir)),
                        work_dir=tmp_path, bundle_dir=tmp_path)
     LoadModel().run(state, no_progress)
-    facts = Prune().run(state, no_progress)
+    facts = Prune().run(state, no_progress).record()
     return state, facts
 
 

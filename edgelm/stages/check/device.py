@@ -14,6 +14,7 @@ import onnx
 
 from edgelm.errors import StageError
 from edgelm.onnx_graph import op_counts
+from edgelm.pipeline.results import DeviceResult
 from edgelm.pipeline.stage import BuildState, Progress
 
 def dynamic_tensors(model: onnx.ModelProto) -> list[str]:
@@ -43,11 +44,11 @@ class CheckDevice:
     name = "device"
     title = "Check ops and shapes against the device profile"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> DeviceResult:
         profile = state.plan.profile
         allowed, static = set(profile.allowed_ops), profile.export.static_shapes
         if not allowed and not static:
-            return {"skipped": "the profile lists no allowed ops and uses dynamic shapes"}
+            return DeviceResult(skipped="the profile lists no allowed ops and uses dynamic shapes")
         facts: dict[str, Any] = {}
         for path in shipped_graphs(state):
             progress(self.name, 0, None, f"checking {path.name}")
@@ -66,4 +67,4 @@ class CheckDevice:
                                      f"dimension, e.g. {', '.join(dynamic[:3])}",
                                      hint="report this with --debug: static graphs must fix every dimension")
             facts[path.name] = {"ops": counts, "static": static}
-        return {"graphs": facts, "allowed_ops": len(allowed)}
+        return DeviceResult(graphs=facts, allowed_ops=len(allowed))

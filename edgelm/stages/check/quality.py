@@ -6,11 +6,10 @@ gates (max_perplexity_ratio, min_top1_agreement) fail the build with the numbers
 
 from __future__ import annotations
 
-from typing import Any
-
 from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows, fingerprint
+from edgelm.pipeline.results import PackageResult, QualityResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.eval.metrics import gate_failures
 from edgelm.stages.package import assemble_bundle, session_options
@@ -20,7 +19,7 @@ class CheckQuality:
     name = "quality"
     title = "Check quality vs fp32 reference (perplexity, top-1 agreement)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> QualityResult:
         import edgelm_runtime
 
         settings = state.plan.quality
@@ -39,7 +38,9 @@ class CheckQuality:
 
         provider = state.plan.profile.provider
         measured_on = provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
-        candidate = edgelm_runtime.load_bundle(state.bundle_dir, provider=measured_on)
+        # the bundle as packaged, opened with its manifest before that is written (once, last)
+        candidate = edgelm_runtime.load_bundle(state.bundle_dir, provider=measured_on,
+                                               manifest=state.result(PackageResult).manifest)
         reference = edgelm_runtime.load_bundle(reference_dir)
         metrics = compare(candidate, reference, windows,
                           on_window=lambda i: progress(self.name, i, len(windows), f"window {i}/{len(windows)}"))
@@ -53,4 +54,4 @@ class CheckQuality:
                 # measured: a pruned, unrecovered model quantizes worse; distillation restores it (docs/pruning.md)
                 hint += ", or recover the pruned model first (prune.recover: {steps: 300})"
             raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures), hint=hint)
-        return metrics
+        return QualityResult(**metrics)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from edgelm.pipeline.results import AwqResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.calibration import calibration_token_ids
+from edgelm.calibration import plan_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +120,12 @@ def apply_awq(model: Any, token_ids: list[list[int]], bits: int, block: int,
                 errors_after.append(after)
             on_layer(i + 1, len(layers))
     if not alphas:
-        return {"groups": 0, "skipped": skipped}
+        return {"groups": 0, "unscaled_inputs": skipped}
     facts = {"groups": len(alphas), "mean_alpha": round(sum(alphas) / len(alphas), 3),
              "mean_relative_error_before": float(f"{sum(errors_before) / len(errors_before):.4g}"),
              "mean_relative_error_after": float(f"{sum(errors_after) / len(errors_after):.4g}")}
     if skipped:
-        facts["skipped"] = skipped
+        facts["unscaled_inputs"] = skipped
     return facts
 
 
@@ -132,17 +133,15 @@ class ActivationAwareScales:
     name = "awq"
     title = "Activation-aware weight scaling (AWQ) for weight-only int4"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> AwqResult:
         settings = state.plan.profile.quantization
         skipped = scheme_for(settings).skip_reason(self.name, settings)
         if skipped:
-            return {"skipped": skipped}
-        calibration = state.plan.calibration
-        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
-                                          calibration.max_prompt_tokens)
+            return AwqResult(skipped=skipped)
+        token_ids = plan_token_ids(state)
         try:
-            return apply_awq(state.model, token_ids, settings.bits, settings.block_size,
-                             on_layer=lambda i, n: progress(self.name, i, n, f"layer {i}/{n}"))
+            return AwqResult(**apply_awq(state.model, token_ids, settings.bits, settings.block_size,
+                                         on_layer=lambda i, n: progress(self.name, i, n, f"layer {i}/{n}")))
         except (KeyError, AttributeError) as exc:
             from edgelm.arch import for_model
             from edgelm.errors import StageError

@@ -22,6 +22,7 @@ from typing import Any
 from edgelm.arch import for_model, shrink_linear
 from edgelm.config.recipe import PruneSettings
 from edgelm.errors import ConfigError
+from edgelm.pipeline.results import PruneResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.calibration import calibration_token_ids, observe_linear_inputs
 
@@ -259,12 +260,12 @@ class Prune:
     name = "prune"
     title = "Prune (structured channels / KV groups / layers, or sparsity) and recover"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> PruneResult:
         from edgelm.eval.text import eval_windows
 
         settings = state.plan.prune
         if settings is None:
-            return {"skipped": "no prune section"}
+            return PruneResult(skipped="no prune section")
         model = state.model
         check_prune_fits(settings, model.config)
         quality = state.plan.quality
@@ -310,4 +311,4 @@ class Prune:
         final = facts["recovery"]["perplexity_after"] if "recovery" in facts else pruned_ppl
         facts["perplexity_ratio_vs_unpruned"] = round(final / before["perplexity"], 4)
         state.source = {**state.source, "parameters": facts["params_after"]}
-        return facts
+        return PruneResult(**facts)

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from edgelm.config.profile import StaticQDQ
+from edgelm.pipeline.results import SensitivityResult, SmoothResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.calibration import calibration_token_ids
+from edgelm.calibration import plan_token_ids
 
 PROBE_WINDOWS, PROBE_TOKENS = 4, 128  # one [4, 128] batch per group: 8 unbatched samples took 835 s on SmolLM2
 
@@ -102,21 +103,20 @@ class MeasureSensitivity:
     name = "sensitivity"
     title = "Measure each MatMul group's int8 sensitivity (for mixed precision)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> SensitivityResult:
         settings = state.plan.profile.quantization
         skipped = scheme_for(settings).skip_reason(self.name, settings)
         if skipped:
-            return {"skipped": skipped}
-        calibration = state.plan.calibration
-        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template,
-                                          calibration.samples, calibration.max_prompt_tokens)
-        scores = measure_sensitivity(state.model, token_ids, state.activation_ranges, settings,
+            return SensitivityResult(skipped=skipped)
+        token_ids = plan_token_ids(state)
+        ranges = state.result(SmoothResult).activation_ranges  # the scheme asks for smooth's stats too
+        scores = measure_sensitivity(state.model, token_ids, ranges, settings,
                                      on_group=lambda i, n: progress(self.name, i, n, f"group {i}/{n}"))
         from edgelm.arch import for_model
 
         arch = for_model(state.model)
-        state.sensitivity = {module: scores[group_key(module, arch)] for module in state.activation_ranges
-                             if group_key(module, arch) in scores}
         worst = sorted(scores.items(), key=lambda kv: -kv[1])[:8]
-        return {"groups": len(scores), "probe_tokens": min(PROBE_WINDOWS * PROBE_TOKENS, sum(map(len, token_ids))),
-                "most_sensitive": {key: float(f"{kl:.3g}") for key, kl in worst}}
+        return SensitivityResult(groups=len(scores), probe_tokens=min(PROBE_WINDOWS * PROBE_TOKENS, sum(map(len, token_ids))),
+                                 most_sensitive={key: float(f"{kl:.3g}") for key, kl in worst},
+                                 by_module={module: scores[group_key(module, arch)] for module in ranges
+                                            if group_key(module, arch) in scores})

@@ -17,9 +17,10 @@ import logging
 from typing import Any
 
 from edgelm.errors import StageError
+from edgelm.pipeline.results import SmoothResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.quant import scheme_for
-from edgelm.calibration import calibration_token_ids, observe_linear_inputs
+from edgelm.calibration import observe_linear_inputs, plan_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,12 @@ class Smooth:
     name = "smooth"
     title = "SmoothQuant: migrate activation outliers into weights"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> SmoothResult:
         settings = state.plan.profile.quantization
         skipped = scheme_for(settings).skip_reason(self.name, settings)
         if skipped:
-            return {"skipped": skipped}
-        calibration = state.plan.calibration
-        token_ids = calibration_token_ids(calibration.source, state.tokenizer, state.chat_template, calibration.samples,
-                                          calibration.max_prompt_tokens)
+            return SmoothResult(skipped=skipped)
+        token_ids = plan_token_ids(state)
         report = lambda i: progress(self.name, i, len(token_ids), f"activation stats {i}/{len(token_ids)}")  # noqa: E731
         stats = collect_input_stats(state.model, token_ids, report)
         facts: dict[str, Any] = {"max_outlier_ratio_before": round(max(e["outlier_ratio"] for e in stats.values()), 1)}
@@ -122,8 +121,7 @@ class Smooth:
             if result["skipped"]:
                 facts["unsmoothed_inputs"] = result["skipped"]
         # ranks the weight MatMuls for mixed precision: the most outlier-heavy inputs suffer most from 8 bits
-        state.activation_stats = {name: entry["outlier_ratio"] for name, entry in stats.items()}
-        state.activation_ranges = {name: (entry["min"], entry["max"]) for name, entry in stats.items()}
-        worst = sorted(state.activation_stats.items(), key=lambda kv: -kv[1])[:5]
-        facts["worst_inputs"] = {name: round(ratio, 1) for name, ratio in worst}
-        return facts
+        ratios = {name: entry["outlier_ratio"] for name, entry in stats.items()}
+        worst = sorted(ratios.items(), key=lambda kv: -kv[1])[:5]
+        return SmoothResult(**facts, worst_inputs={name: round(ratio, 1) for name, ratio in worst}, outlier_ratios=ratios,
+                            activation_ranges={name: (entry["min"], entry["max"]) for name, entry in stats.items()})

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgelm.errors import StageError, write_error
 from edgelm.onnx_graph import reference_session, save_external
+from edgelm.pipeline.results import ExportResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm_runtime.bundle import ModelIO
 
@@ -214,7 +215,7 @@ class ExportOnnx:
     name = "export"
     title = "Export ONNX decoder with KV cache (torch.onnx dynamo)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> ExportResult:
         from edgelm.stages.export.fused import fused_export_refusal
 
         path = state.work_dir / "reference" / "model.onnx"
@@ -234,10 +235,6 @@ class ExportOnnx:
         state.reference_onnx = state.current_onnx = path
         state.graph_io = graph_io(fused)
         size = sum(p.stat().st_size for p in path.parent.iterdir())
-        facts = {"exporter": "torch.onnx.export(dynamo=True)", "graph": "fused" if fused else "generic",
-                 "opset": settings.opset, "size_mb": round(size / 1e6, 1), "parity": parity}
-        if refusal:
-            facts["fused_refused"] = refusal
-        if settings.static_shapes:
-            facts["role"] = "reference"  # the quality check's fp32 graph; the bundle ships the static graphs
-        return facts
+        return ExportResult(exporter="torch.onnx.export(dynamo=True)", graph="fused" if fused else "generic",
+                            opset=settings.opset, size_mb=round(size / 1e6, 1), parity=parity, fused_refused=refusal,
+                            role="reference" if settings.static_shapes else None)

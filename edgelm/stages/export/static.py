@@ -23,6 +23,7 @@ import numpy as np
 
 from edgelm.arch import for_model
 from edgelm.errors import StageError
+from edgelm.pipeline.results import StaticResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import PARITY_TEXT, export_failure, io_names, kv_shape
 from edgelm_runtime.bundle import DECODE_MODEL_FILE, MODEL_FILE, ModelIO, StaticLayout
@@ -222,10 +223,10 @@ class ExportStatic:
     name = "static"
     title = "Export fixed-shape prefill and decode graphs (NPU)"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> StaticResult:
         settings = state.plan.profile.export
         if not settings.static_shapes:
-            return {"skipped": "dynamic shapes"}
+            return StaticResult(skipped="dynamic shapes")
         # one attention bias serves every layer; a query sees at most kv_window positions (the
         # bundle's context limit), so a sliding window at least that long never cuts anything
         refusal = for_model(state.model).static_refusal(state.model, settings.kv_window)
@@ -249,9 +250,8 @@ class ExportStatic:
         parity = check_static_parity(state.model, state.tokenizer, graphs, settings.parity_atol, self.name)
         state.static_graphs = graphs
         state.current_onnx = graphs.prefill
-        return {"prefill_len": layout.prefill_len, "kv_window": layout.kv_window, "projections": settings.projections,
-                "parity": parity,
-                "ops": sorted(_op_types(graphs.prefill) | _op_types(graphs.decode))}
+        return StaticResult(prefill_len=layout.prefill_len, kv_window=layout.kv_window, projections=settings.projections,
+                            parity=parity, ops=sorted(_op_types(graphs.prefill) | _op_types(graphs.decode)))
 
 
 def _op_types(path: Path) -> set[str]:

@@ -26,6 +26,7 @@ from typing import Any
 from edgelm import arch
 from edgelm.config.plan import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL
 from edgelm.errors import ConfigError, ModelLoadError
+from edgelm.pipeline.results import LoadResult
 from edgelm.pipeline.stage import BuildState, Progress
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class LoadModel:
     name = "load"
     title = "Load model and tokenizer"
 
-    def run(self, state: BuildState, progress: Progress) -> dict[str, Any]:
+    def run(self, state: BuildState, progress: Progress) -> LoadResult:
         progress(self.name, 0, None, f"loading {Path(state.plan.model).name}")
         loaded = load_pretrained(state.plan.model)
         config = loaded.config
@@ -223,9 +224,10 @@ class LoadModel:
         state.chat_template = chat_template if isinstance(chat_template, str) else None
         state.max_seq_len = context_length(config, state.plan.max_seq_len, loaded.source["path"])
         check_calibration_fits(state.plan.calibration.source, loaded.tokenizer, state.max_seq_len)
-        return {"model": loaded.source.get("hub_name") or Path(loaded.source["path"]).name, "format": loaded.source["format"],
-                "model_type": config.model_type, "family": loaded.source["family"], "parameters": loaded.source["parameters"],
-                "layers": config.num_hidden_layers, "max_seq_len": state.max_seq_len}
+        return LoadResult(model=loaded.source.get("hub_name") or Path(loaded.source["path"]).name,
+                          format=loaded.source["format"], model_type=config.model_type, family=loaded.source["family"],
+                          parameters=loaded.source["parameters"], layers=config.num_hidden_layers,
+                          max_seq_len=state.max_seq_len)
 
 
 def check_calibration_fits(source: str, tokenizer: Any, context: int) -> None:
