@@ -126,7 +126,8 @@ def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merge
         folder, gguf_file = locate_model(plan.model)
         if source_fingerprint(folder, gguf_file) != recorded_sha:
             raise ConfigError(f"{plan.model}: the model changed since {bundle} was built (sha256 differs)",
-                              hint="restore the model, or pass --model to build from the new one")
+                              hint="restore the model, or pass --model to build from the new one (also for a bundle "
+                                   "built before edgelm fingerprinted every file it reads)")
     return plan
 
 

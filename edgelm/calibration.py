@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.errors import ConfigError
+from edgelm.errors import ConfigError, ModelLoadError
 from edgelm.onnx_graph import reference_session
 from edgelm.stages.export.decoder import decoder_feed, io_names
 
@@ -60,12 +60,50 @@ def calibration_texts(source: str, tokenizer: Any, chat_template: str | None, sa
         texts = read_calibration_file(Path(source))
     else:
         texts = []
+        chat = chat_renderer(tokenizer, chat_template) if chat_template else None
         for i, prompt in enumerate(builtin_prompts()):
-            if chat_template and i % 2 == 0:
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
-            texts.append(prompt)
+            texts.append(chat(prompt) if chat is not None and i % 2 == 0 else prompt)
     return [texts[i % len(texts)] for i in range(samples)] if len(texts) < samples else texts[:samples]
+
+
+def chat_renderer(tokenizer: Any, chat_template: str) -> Callable[[str], str]:
+    """One user prompt in the model's chat format, rendered the way the bundle will render it: by the
+    runtime's ChatTemplate (sandboxed, with its time and size limits), not by transformers'
+    apply_chat_template, which has no limits (a hostile template would hang or swamp the build).
+    A template that fails there fails the build in one line naming its file."""
+    from edgelm_runtime.errors import TemplateError
+    from edgelm_runtime.templates import ChatTemplate
+
+    def failed(exc: TemplateError) -> ModelLoadError:
+        return ModelLoadError(exc.message, hint="the model's chat template is broken or hostile (edgelm renders it "
+                                                "with the runtime's sandbox and limits); fix or remove it, then rebuild")
+
+    try:
+        template = ChatTemplate(chat_template, template_origin(tokenizer), tokenizer.bos_token, tokenizer.eos_token)
+    except TemplateError as exc:
+        raise failed(exc) from None
+
+    def render(prompt: str) -> str:
+        try:
+            return template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        except TemplateError as exc:
+            raise failed(exc) from None
+
+    return render
+
+
+def template_origin(tokenizer: Any) -> str:
+    """Where the tokenizer's chat template came from, as transformers looks for it (for error messages)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder / "chat_template.jinja")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            if "chat_template" in json.loads((folder / name).read_text(encoding="utf-8")):
+                return f"{folder / name} (chat_template)"
+        except (OSError, ValueError, TypeError):
+            continue
+    return f"{folder} (chat template)"
 
 
 def calibration_token_ids(source: str, tokenizer: Any, chat_template: str | None, samples: int,

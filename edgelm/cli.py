@@ -147,6 +147,17 @@ def verify(bundle: Path = o.BUNDLE) -> None:
                   f"{size / 1e6:.1f} MB, every size and sha256 as in manifest.json")
 
 
+@command()
+@reports_errors
+def clean(folder: Path = typer.Argument(Path("."), help="The folder builds wrote into (beside their -o).")) -> None:
+    """Remove the temporary build folders (.edgelm-build-*) that killed builds left behind."""
+    from edgelm.pipeline.workspace import clean_stale, live_workspaces
+
+    removed, kept = clean_stale(folder), live_workspaces(folder)
+    console.print("".join(f"removed {path}\n" for path in removed) + f"{folder}: {len(removed)} stale build "
+                  f"folder(s) removed" + (f", {len(kept)} in use by a running build kept" if kept else ""))
+
+
 @command("eval")
 @reports_errors
 def evaluate(
@@ -220,8 +231,8 @@ def bench(
 
 def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
               max_new_tokens: Optional[int], repetition_penalty: Optional[float]) -> dict[str, Any]:
-    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-            "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+                repetition_penalty=repetition_penalty)
 
 
 @command()
@@ -237,9 +248,8 @@ def generate(
 
     llm = er.load_bundle(bundle, threads=threads, provider=provider)
     for piece in llm.generate_stream(prompt, **_sampling(temperature, top_k, top_p, seed, max_new_tokens, repetition_penalty)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        print(piece, end="", flush=True)
+    print()
 
 
 @command()
@@ -271,18 +281,9 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELM_API_KEY)."),
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    import edgelm_runtime as er
+    from edgelm._serve import start_server
 
-    try:
-        from edgelm_runtime.server import serve as run_server
-    except ImportError:
-        raise er.GenerationError("edgelm serve needs starlette and uvicorn",
-                                 hint="pip install 'edgelm-runtime[server]'") from None
-    if queue < 0:
-        raise er.GenerationError(f"--queue {queue}: must be 0 or more", hint="e.g. --queue 8")
-    llm = er.load_bundle(bundle, threads=threads, provider=provider)
-    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    run_server(llm, host, port, queue, api_key or None)
+    start_server(bundle, host, port, queue, threads, provider, api_key, console)
 
 
 def main() -> None:

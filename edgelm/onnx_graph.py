@@ -4,6 +4,8 @@ external data file, and the plain CPU onnxruntime session that reference computa
 from __future__ import annotations
 
 import collections
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,9 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 def save_external(model: onnx.ModelProto, target: Path, location: str | None = None) -> None:
     """Save `model` at `target` with every tensor of 1 KiB or more in one data file beside it
     (`location`, default target's name + ".data"). A data file already there is removed first:
-    onnx appends to it, which would double it. Tensors already external stay where they point."""
+    onnx appends to it, which would double it. Tensors already external stay where they point.
+    onnx creates the data file 0600 (os.open with that mode): it gets the graph file's mode, which
+    is what the umask gives a new file (0644 under 022), like every other file of a bundle."""
     import onnx
 
     target = Path(target)
@@ -42,6 +46,9 @@ def save_external(model: onnx.ModelProto, target: Path, location: str | None = N
     (target.parent / location).unlink(missing_ok=True)
     onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=location, size_threshold=1024)
+    data = target.parent / location
+    if data.is_file():
+        os.chmod(data, stat.S_IMODE(target.stat().st_mode))
 
 
 def reference_session(model: str | bytes | Path) -> Any:

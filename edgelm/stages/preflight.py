@@ -1,5 +1,6 @@
 """The build's first stage: check the user's inputs before any heavy work, so a typo fails in a
-second, not a minute in. The model (a path or a cached org/name), its family and context, the
+second, not a minute in. The model (a path or a cached org/name: no model-folder code, sizes that
+match the weights' headers, a tokenizer.json that encodes ordinary text), its family and context, the
 pruning against the model's shape, the adapters' files, the calibration file and the eval text;
 and this machine's CPU features, which the manifest records as provenance.build_host."""
 
@@ -19,10 +20,11 @@ def preflight(plan: BuildPlan) -> PreflightResult:
     from edgelm.eval.text import load_eval_text
     from edgelm.stages.adapt import read_adapters
     from edgelm.stages.compress.prune import check_prune_fits
-    from edgelm.stages.load.model import context_length, locate_model, model_config
+    from edgelm.stages.load.model import check_tokenizer_file, context_length, locate_model, model_config
 
     folder, gguf_file = locate_model(plan.model)
-    config = model_config(plan.model)
+    config = model_config(plan.model)  # refuses auto_map code and sizes the weights do not have
+    check_tokenizer_file(folder, gguf_file)
     family = for_config(config, str(folder / gguf_file if gguf_file else folder)).name
     context = context_length(config, plan.max_seq_len, plan.model)
     if plan.prune is not None:

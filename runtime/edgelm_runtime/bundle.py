@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm_runtime.errors import BundleError
+from edgelm_runtime.external_data import external_locations
 
 # 4: `provider_options`; 3: `static` (fixed-shape NPU graphs) and `pruning`; 2: top-level `plan` and `adapters`
 FORMAT_VERSION = 4
@@ -331,4 +333,42 @@ def verify_bundle(folder: str | Path, manifest: Manifest | None = None, check_ha
         if check_hashes and sha256_file(path) != entry.sha256:
             raise BundleError(f"{folder}: {rel} sha256 does not match the manifest",
                               hint="the file is corrupt or was replaced; copy the bundle again")
+    graphs = dict.fromkeys([manifest.model_file, *([static_file] if static_file else []),
+                            *(rel for rel in manifest.files if rel.endswith(".onnx"))])
+    for rel in graphs:
+        check_external_data(folder, rel, manifest)
     return manifest
+
+
+_TAMPERED = "the bundle was tampered with; copy it again from where it was built, or rebuild it"
+
+
+def check_external_data(folder: Path, graph: str, manifest: Manifest) -> None:
+    """Every external-data location in the graph `graph` must name a file of the bundle that the
+    manifest lists (so its size and sha256 are checked): never an absolute path, `..`, or a link
+    that resolves outside the folder. onnxruntime would open it relative to the graph's folder;
+    older onnxruntime releases follow any of those."""
+    root = Path(folder).resolve()
+    path = resolve_inside(Path(folder), graph, "model file")
+    try:
+        locations = external_locations(path)
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{folder}: {graph} is not a readable ONNX file ({exc})",
+                          hint="the file is corrupt or was replaced; copy the bundle again, or rebuild it") from None
+    listed = set(manifest.files)
+    for location in dict.fromkeys(locations):
+        where = f"{folder}: {graph}'s external data location {location!r}"
+        if not location.strip() or "\x00" in location:
+            raise BundleError(f"{where} is not a file name", hint=_TAMPERED)
+        if location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
+            raise BundleError(f"{where} is an absolute path", hint=_TAMPERED)
+        if ".." in re.split(r"[/\\]", location):
+            raise BundleError(f"{where} leaves the bundle folder", hint=_TAMPERED)
+        try:
+            target = (path.parent / location).resolve()
+        except (OSError, ValueError):  # a name too long, a link loop
+            raise BundleError(f"{where} is not a file name", hint=_TAMPERED) from None
+        if not target.is_relative_to(root):
+            raise BundleError(f"{where} resolves outside the bundle folder (a link?)", hint=_TAMPERED)
+        if target.relative_to(root).as_posix() not in listed:
+            raise BundleError(f"{where} is not a file listed in {MANIFEST_FILE}", hint=_TAMPERED)

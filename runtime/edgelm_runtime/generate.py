@@ -19,6 +19,8 @@ from edgelm_runtime.sampling import Sampler
 from edgelm_runtime.session import DecoderSession
 
 FinishReason = Literal["eos", "max_new_tokens", "max_seq_len", "stopped"]
+MAX_STOP_STRINGS = 16   # OpenAI allows 4; every stop string costs a search per token
+MAX_STOP_CHARS = 256    # per stop string
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,24 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
 
 
 class StopFilter:
-    """Passes text through until a stop string appears; never lets part of a stop string out."""
+    """Passes text through until a stop string appears; never lets part of a stop string out.
+
+    At most MAX_STOP_STRINGS strings of at most MAX_STOP_CHARS characters each (10,000 stop strings
+    made each token cost milliseconds). Each push searches only where a new match can be: the held
+    tail never contains a whole stop string."""
 
     def __init__(self, stop: Sequence[str] | None) -> None:
         stop = list(stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise GenerationError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                                  hint="pass fewer stop strings")
         for index, text in enumerate(stop):
             if not isinstance(text, str) or not text:
-                raise GenerationError(f"stop[{index}] is {text!r}; stop strings must be non-empty strings",
+                raise GenerationError(f"stop[{index}] is {_show(text)}; stop strings must be non-empty strings",
                                       hint='pass e.g. stop=["\\n\\n"]')
+            if len(text) > MAX_STOP_CHARS:
+                raise GenerationError(f"stop[{index}] is {len(text)} characters; at most {MAX_STOP_CHARS} are allowed",
+                                      hint="pass shorter stop strings")
         self._stops = stop
         self._held = ""
         self.stopped = False
@@ -105,8 +117,10 @@ class StopFilter:
         the text before it is the last piece."""
         if self.stopped:
             return ""
-        held = self._held + text
-        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+        old, held = len(self._held), self._held + text
+        # a match must end inside the new text: the held tail holds no whole stop string
+        found = (held.find(s, max(0, old - len(s) + 1)) for s in self._stops)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             self.stopped, self._held = True, ""
             return held[:cut]
@@ -122,7 +136,15 @@ class StopFilter:
 
 def _overlap(text: str, stop: str) -> int:
     """Length of the longest end of `text` that is a proper start of `stop`."""
-    for size in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:size]):
-            return size
+    first = stop[0]
+    index = text.find(first, max(0, len(text) - len(stop) + 1))
+    while index >= 0:  # the earliest start that still matches is the longest overlap
+        if stop.startswith(text[index:]):
+            return len(text) - index
+        index = text.find(first, index + 1)
     return 0
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

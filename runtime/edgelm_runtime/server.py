@@ -2,9 +2,15 @@
 
 POST /v1/chat/completions, POST /v1/completions (both with SSE streaming), GET /v1/models,
 GET /health. One generation runs at a time (the model is not thread-safe and two would only
-share the same cores); up to `queue_limit` more wait, beyond that 429. A streaming client that
-disconnects stops its generation at the next token. Bad requests get 400 with an OpenAI-style
-error body; bodies over `max_body_bytes` get 413. Binds 127.0.0.1 unless told otherwise.
+share the same cores); up to `queue_limit` more wait, beyond that 429. A client that disconnects
+(streaming or not, queued or generating) stops its generation at the next token.
+
+The event loop only moves bytes: parsing, checking, rendering, tokenizing and trimming a request
+run in a small thread pool under a deadline (503 past it), so no request can stall /health or the
+others. Bodies: at most `Limits.max_body_bytes` (413), within `body_seconds` (408), at most
+`max_uploads` read at once (503). Every error is an OpenAI-style JSON body on one line, without
+a path of this machine; bad input is a 4xx, never a 500 (requests.py checks every field). Binds
+127.0.0.1 unless told otherwise; an API key, when given, must not be empty.
 
 Optional extra: `pip install 'edgelm-runtime[server]'` (the core runtime does not import this)."""
 
@@ -13,32 +19,49 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgelm_runtime.errors import EdgelmRuntimeError
+from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.model import LanguageModel
+from edgelm_runtime.requests import Prepared, RequestError, prepare, prepare_timeout, public
 
+logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
+T = TypeVar("T")
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_seconds: float = 10.0     # the whole body must arrive within this: a stalled upload gets 408
+    max_uploads: int = 16          # bodies being read at once; more get 503 (each holds up to max_body_bytes)
+    prepare_seconds: float = 10.0  # parse + check + render + tokenize + trim, queueing included; then 503
+    prepare_threads: int = 2
 
 
-def error_response(error: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"message": error.message, "type": error.kind, "param": error.param, "code": None}},
-                        status_code=error.status)
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An empty key would turn authentication off without saying so: refuse it."""
+    if api_key is not None and not api_key.strip():
+        raise GenerationError("the API key is empty: that would serve without authentication",
+                              hint="pass a non-empty --api-key / EDGELM_API_KEY, or leave both unset")
 
 
 class Gate:
@@ -64,37 +87,20 @@ class Gate:
         self._lock.release()
 
 
-def _options(body: dict[str, Any], llm: LanguageModel) -> dict[str, Any]:
-    """Sampling options from an OpenAI request body, checked by the runtime's own rules."""
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
-        raise RequestError(400, "stop must be a non-empty string or a list of them", "stop")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise RequestError(400, "max_tokens must be a whole number >= 1", "max_tokens")
-    try:
-        sampling = llm.sampling_params(temperature=body.get("temperature"), top_p=body.get("top_p"), seed=body.get("seed"))
-    except EdgelmRuntimeError as exc:
-        raise RequestError(400, exc.message, exc.message.split(" ")[0]) from None
-    return {"sampling": sampling, "max_new_tokens": max_tokens, "stop": stop}
-
-
 class Generation:
     """Runs one request's token stream in a worker thread; `cancel()` stops it at the next token."""
 
-    def __init__(self, llm: LanguageModel, ids: list[int], options: dict[str, Any]) -> None:
-        self.llm, self.ids, self.options = llm, ids, options
+    def __init__(self, llm: LanguageModel, prepared: Prepared) -> None:
+        self.llm, self.prepared = llm, prepared
         self.cancelled = threading.Event()
         self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
         self.stats = None
         self.error: BaseException | None = None
 
     def run(self, loop: asyncio.AbstractEventLoop) -> None:
+        p = self.prepared
         try:
-            stream = self.llm.stream_ids(self.ids, self.options["max_new_tokens"], self.options["sampling"],
-                                         self.options["stop"])
+            stream = self.llm.stream_ids(p.ids, p.max_new_tokens, p.sampling, p.stop)
             for piece in stream:
                 if self.cancelled.is_set():
                     stream.close()
@@ -102,97 +108,111 @@ class Generation:
                 loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
         except BaseException as exc:  # reported to the request, never kills the server
             self.error = exc
+            logger.error("generation failed: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:300])
         finally:
             self.stats = self.llm.last_stats
             loop.call_soon_threadsafe(self.pieces.put_nowait, None)
 
 
 def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES,
-               api_key: str | None = None) -> Starlette:
+               api_key: str | None = None, limits: Limits | None = None) -> Starlette:
+    check_api_key(api_key)
+    limits = limits or Limits(max_body_bytes=max_body_bytes)
     gate = Gate(queue_limit)
     model_id = llm.manifest.name
+    preparing = ThreadPoolExecutor(limits.prepare_threads, thread_name_prefix="edgelm-prepare")
+    uploads = 0
+
+    def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
+        body = error.body()
+        body["error"]["message"] = public(body["error"]["message"], llm.path)
+        return Response(json.dumps(body, separators=(",", ":")), status_code=error.status,
+                        media_type="application/json", headers=headers)
 
     def authorized(request: Request) -> bool:
         """With an API key, every /v1 request needs `Authorization: Bearer KEY` (constant-time check)."""
         if api_key is None:
             return True
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
 
-    async def read_body(request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise RequestError(413, f"request body over {max_body_bytes} bytes")
-        raw = b""
+    async def read(request: Request) -> bytes:
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
-            if len(raw) > max_body_bytes:
-                raise RequestError(413, f"request body over {max_body_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        return body
+            if len(raw) > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+        return bytes(raw)
 
-    def prompt_ids(body: dict[str, Any], chat: bool, options: dict[str, Any]) -> list[int]:
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise RequestError(400, "messages must be a non-empty list of {role, content} strings", "messages")
-            try:
-                return llm.chat_prompt_ids(messages, options["max_new_tokens"])
-            except EdgelmRuntimeError as exc:
-                raise RequestError(400, exc.message, "messages") from None
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "prompt must be a non-empty string", "prompt")
-        return llm.tokenizer.encode(prompt, add_special_tokens=True)
+    async def read_body(request: Request) -> bytes:
+        nonlocal uploads
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+        if uploads >= limits.max_uploads:
+            raise RequestError(503, f"the server is already reading {limits.max_uploads} request bodies; retry later",
+                               kind="server_error", code="overloaded")
+        uploads += 1
+        try:
+            return await asyncio.wait_for(read(request), limits.body_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {limits.body_seconds:g} s",
+                               code="timeout") from None
+        finally:
+            uploads -= 1
 
     async def complete(request: Request, chat: bool) -> Response:
         if not authorized(request):
-            return error_response(RequestError(401, "missing or wrong API key", kind="authentication_error"))
-        try:
-            body = await read_body(request)
-            options = _options(body, llm)
-            ids = prompt_ids(body, chat, options)
-            llm.check_request(ids, options["max_new_tokens"], options["stop"])
-        except RequestError as exc:
-            return error_response(exc)
-        except EdgelmRuntimeError as exc:
-            return error_response(RequestError(400, exc.message))
+            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
+        raw = await read_body(request)
+        deadline = time.monotonic() + limits.prepare_seconds
+        job = asyncio.wrap_future(preparing.submit(prepare, raw, chat, llm, deadline))
+        try:  # the thread stops itself at the deadline; the wait gives it a moment to say so
+            prepared = await until_gone(request, asyncio.wait_for(job, limits.prepare_seconds + 0.5))
+        except asyncio.TimeoutError:
+            raise prepare_timeout() from None
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        try:
-            await gate.acquire()
-        except RequestError as exc:
-            return error_response(exc)
-        generation = Generation(llm, ids, options)
+        await until_gone(request, gate.acquire())
+        generation = Generation(llm, prepared)
         loop = asyncio.get_running_loop()
         worker = loop.run_in_executor(None, generation.run, loop)
         worker.add_done_callback(lambda _: gate.release())
-        if body.get("stream"):
+        if prepared.stream:
             return StreamingResponse(_sse(generation, worker, chat, rid, created, model_id),
                                      media_type="text/event-stream")
         try:
-            pieces = []
-            while (piece := await generation.pieces.get()) is not None:
-                pieces.append(piece)
-            await worker
+            pieces = await until_gone(request, _collect(generation, worker))
         finally:
             generation.cancelled.set()  # a non-streaming client that went away stops it too
         if generation.error is not None:
-            return error_response(RequestError(500, f"generation failed: {generation.error}", kind="server_error"))
+            raise RequestError(500, "generation failed (the server log says why)", kind="server_error")
         text = "".join(pieces)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                   else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = _finish(generation.stats)
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": model_id, "choices": [choice],
-                             "usage": _usage(generation.stats, len(ids))})
+                             "usage": _usage(generation.stats, len(prepared.ids))})
+
+    def endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                close = {"Connection": "close"} if exc.status in (408, 413, 503) else None  # body maybe unread
+                return error_response(exc, close)
+            except ClientGone:
+                return Response(status_code=499)
+            except ClientDisconnect:
+                logger.warning("%s: the client left during its upload", _peer(request))
+                return Response(status_code=499)
+            except BaseException as exc:  # a bug: one line in the log, a JSON 500 without details
+                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":  # a Rust panic
+                    raise  # cancellation, Ctrl-C, exit
+                logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__,
+                             " ".join(str(exc).split())[:300], exc_info=logger.isEnabledFor(logging.DEBUG))
+                return error_response(RequestError(500, "internal server error", kind="server_error"))
+        return run
 
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
@@ -202,17 +222,53 @@ def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = M
 
     async def models(request: Request) -> Response:
         if not authorized(request):
-            return error_response(RequestError(401, "missing or wrong API key", kind="authentication_error"))
+            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                                          "owned_by": "edgelm"}]})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id})
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                             Route("/v1/completions", completions, methods=["POST"]),
-                             Route("/v1/models", models, methods=["GET"]),
-                             Route("/health", health, methods=["GET"])])
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return error_response(RequestError(status, str(message), kind="invalid_request_error" if status < 500
+                                           else "server_error"))
+
+    return Starlette(routes=[Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+                             Route("/v1/completions", endpoint(completions), methods=["POST"]),
+                             Route("/v1/models", endpoint(models), methods=["GET"]),
+                             Route("/health", health, methods=["GET"])],
+                     exception_handlers={HTTPException: http_error, Exception: http_error})
+
+
+async def until_gone(request: Request, awaitable: Awaitable[T]) -> T:
+    """`await awaitable`, unless the client disconnects first: then it is cancelled and ClientGone raised."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+async def _collect(generation: Generation, worker: Awaitable[None]) -> list[str]:
+    pieces = []
+    while (piece := await generation.pieces.get()) is not None:
+        pieces.append(piece)
+    await worker
+    return pieces
 
 
 async def _sse(generation: Generation, worker: Any, chat: bool, rid: str, created: int,
@@ -226,18 +282,34 @@ async def _sse(generation: Generation, worker: Any, chat: bool, rid: str, create
             choice["delta"] = {} if delta is None else {"content": delta}
         else:
             choice["text"] = delta or ""
-        return f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_id, 'choices': [choice]})}\n\n"
+        return _data({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [choice]})
 
     try:
         if chat:
             yield event("", None).replace('"content": ""', '"role": "assistant", "content": ""')
         while (piece := await generation.pieces.get()) is not None:
             yield event(piece, None)
+            # let the loop see a hang-up before the next write: writes to a lost socket log a line each
+            await asyncio.sleep(0)
         await worker
+        if generation.error is not None:
+            yield _data(RequestError(500, "generation failed (the server log says why)", kind="server_error").body())
+            return
         yield event(None, _finish(generation.stats))
+        if generation.prepared.include_usage:
+            yield _data({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [],
+                         "usage": _usage(generation.stats, len(generation.prepared.ids))})
         yield "data: [DONE]\n\n"
     finally:
         generation.cancelled.set()  # the client left (or we are done): the worker stops at its next token
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
 
 
 def _finish(stats: Any) -> str:
@@ -250,7 +322,10 @@ def _usage(stats: Any, prompt_tokens: int) -> dict[str, int]:
 
 
 def serve(llm: LanguageModel, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, limits: Limits | None = None) -> None:
+    if api_key is None and os.environ.get("EDGELM_API_KEY") == "":  # set but empty: click reads it as unset
+        check_api_key("")
+    app = create_app(llm, queue_limit, api_key=api_key, limits=limits)  # refuses an empty key before binding
     import uvicorn
 
-    uvicorn.run(create_app(llm, queue_limit, api_key=api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -2,34 +2,50 @@
 
 Templates come with downloaded models, so they are untrusted: they render in jinja2's
 ImmutableSandboxedEnvironment (no attribute escapes, no mutation), configured like transformers'
-apply_chat_template so a bundle's prompts match the model's own. Bundles without a chat template
-get CHATML_TEMPLATE: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+apply_chat_template so a bundle's prompts match the model's own (the same globals, tojson and
+namespace, `{% generation %}` blocks, `tools` and `documents` None unless given). Bundles without
+a chat template get CHATML_TEMPLATE: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
 
 jinja2's sandbox stops escapes, not exhaustion: `{% for i in range(99999) %}` nested three deep
-runs for hours, and `'x' * 10**10` or a doubling `~` loop eats all memory. So rendering is bounded
-here, by hand (no library does it): a deadline (MAX_RENDER_SECONDS, checked on every line the
-compiled template runs, through a thread-local trace function), an output limit
-(MAX_RENDER_CHARS, checked as the template streams), and size checks on the operations that
-build big values (+, *, **, %, ~, and integer arguments to calls and filters)."""
+runs for hours, and `'x' * 10**10` or `('\\t' * 3000).expandtabs(999999)` eats all memory in one C
+call. So rendering is bounded here, by hand (no library does it; render_limits.py has the rules):
+a deadline (MAX_RENDER_SECONDS, per thread) checked on every loop iteration, call, operator,
+filter and output piece; every value the template builds sized before it is built (operators,
+str methods, filters, format strings, literals, block and macro output): at most MAX_RENDER_CHARS
+characters, integers at most MAX_INT_BITS bits, all of one render's values together at most
+MAX_BUILT_CHARS; calls nested at most MAX_CALL_DEPTH deep; the output at most MAX_RENDER_CHARS;
+the source at most MAX_TEMPLATE_CHARS (compiling is linear in it, once per bundle load). edgelm
+renders templates at build time (calibration) through this same class."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
-import re
-import sys
-import time
-from collections.abc import Iterator
+import types
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+from jinja2.utils import Namespace
+from markupsafe import Markup
 
 from edgelm_runtime.errors import GenerationError, TemplateError
+from edgelm_runtime.render_filters import bounded_filter, bounded_sum, bounded_test
+from edgelm_runtime.render_limits import (MAX_CALL_DEPTH, MAX_INT_BITS, MAX_RENDER_CHARS,
+                                          MAX_RENDER_SECONDS, MAX_TEMPLATE_CHARS, BoundedFormatterMixin,
+                                          RenderLimitError, check_binop, check_int_args, check_lipsum, check_method,
+                                          checked, enter_call, is_lipsum, leave_call, measure, render_deadline,
+                                          shallow_size, spend, tick, ticking, too_big)
+from edgelm_runtime.tokenizer import check_text
+
+__all__ = ["CHATML_TEMPLATE", "MAX_CALL_DEPTH", "MAX_INT_BITS", "MAX_RENDER_CHARS", "MAX_RENDER_SECONDS",
+           "BoundedSandbox", "ChatTemplate", "RenderLimitError", "render_deadline"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,34 +61,33 @@ def _raise_exception(message: str) -> None:
 
 
 def _strftime_now(fmt: str) -> str:
+    if len(str(fmt)) * 16 > MAX_RENDER_CHARS:  # %c writes 24 characters for 2
+        raise too_big("passes strftime_now() a huge format")
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
     # transformers' tojson: plain JSON, non-ASCII kept (jinja's own escapes <, >, & and ')
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-MAX_RENDER_SECONDS = 1.0      # a real chat template renders in well under a millisecond
-MAX_RENDER_CHARS = 1 << 20    # 1 MiB of prompt text: far more than any edge context window
-MAX_POWER = 1 << 12           # largest exponent of ** (9**9**9 would compute for minutes)
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders its body."""
 
+    tags = {"generation"}
 
-class RenderLimitError(TemplateError):
-    """A template went past a render limit (time, size)."""
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
-
-def _too_big(what: str) -> RenderLimitError:
-    return RenderLimitError(f"the chat template {what} (limit {MAX_RENDER_CHARS} characters)",
-                            hint="the template is hostile or broken; fix it or rebuild the bundle")
-
-
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 0
+    def _render(self, caller: Any) -> str:
+        return caller()
 
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """Compiles `a ~ b` to a size-checked join instead of jinja2's unchecked str_join."""
+    """Compiles `a ~ b` and list/tuple/dict literals to size-checked calls."""
 
     def visit_Concat(self, node: Any, frame: Any) -> None:
         self.write("environment.bounded_concat((")
@@ -81,108 +96,146 @@ class _BoundedCodeGenerator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
+    def _literal(self, visit: Any, node: Any, frame: Any) -> None:
+        self.write("environment.bounded_literal(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node: Any, frame: Any) -> None:
+        self._literal(super().visit_List, node, frame)
+
+    def visit_Dict(self, node: Any, frame: Any) -> None:
+        self._literal(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node: Any, frame: Any) -> None:
+        if node.ctx == "load":
+            self._literal(super().visit_Tuple, node, frame)
+        else:  # an assignment target: `{% for a, b in ... %}`
+            super().visit_Tuple(node, frame)
+
+
+class _Formatter(BoundedFormatterMixin, SandboxedFormatter):
+    pass
+
+
+class _EscapeFormatter(BoundedFormatterMixin, SandboxedEscapeFormatter):
+    pass
+
+
+class _Namespace(Namespace):
+    """transformers' TemplateNamespace (no underscore-prefixed names), its attributes kept within the size limit."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_name(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_name(name)
+        tick()
+        attrs = object.__getattribute__(self, "_Namespace__attrs")
+        if measure({**attrs, name: value}) > MAX_RENDER_CHARS:
+            raise too_big("stores past the size limit in a namespace")
+        Namespace.__setitem__(self, name, value)
+
+
+def _check_name(name: Any) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise SecurityError(f"a namespace cannot hold the underscore-prefixed attribute {name!r}")
+
 
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
-    intercepted_binops = frozenset({"+", "*", "**", "%"})
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        template = super()._parse(source, name, filename)
+        for loop in list(template.find_all(nodes.For)):  # every iteration checks the deadline
+            bounded = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [loop.iter], [], None, None)
+            loop.iter = bounded.set_lineno(loop.iter.lineno).set_environment(self)
+        return template
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*" and isinstance(right, int) and _size(left) * right > MAX_RENDER_CHARS \
-                or operator == "*" and isinstance(left, int) and _size(right) * left > MAX_RENDER_CHARS:
-            raise _too_big("repeats a value past the size limit")
-        if operator == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
-            raise _too_big("concatenates past the size limit")
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_POWER:
-            raise RenderLimitError(f"the chat template raises to the power {right} (limit {MAX_POWER})",
-                                   hint="the template is hostile or broken; fix it or rebuild the bundle")
-        if operator == "%" and isinstance(left, str):
-            _check_widths(left)
-            _check_int_args((right,) if not isinstance(right, (tuple, dict)) else tuple(right))
+        tick()
+        if operator == "+" and type(left) is str and type(right) is str:  # most of a real template's operators
+            if len(left) + len(right) > MAX_RENDER_CHARS:
+                raise too_big("concatenates past the size limit")
+            spend(len(left) + len(right))
+            return left + right
+        if check_binop(operator, left, right):  # sized the result already
             result = super().call_binop(context, operator, left, right)
-            if len(result) > MAX_RENDER_CHARS:
-                raise _too_big("formats a string past the size limit")
+            spend(shallow_size(result))
             return result
-        return super().call_binop(context, operator, left, right)
+        return checked(super().call_binop(context, operator, left, right))
 
     def bounded_concat(self, parts: tuple[Any, ...]) -> str:
+        tick()
         texts = [str(part) for part in parts]
-        if sum(map(len, texts)) > MAX_RENDER_CHARS:
-            raise _too_big("concatenates (~) past the size limit")
+        size = sum(map(len, texts))
+        if size > MAX_RENDER_CHARS:
+            raise too_big("concatenates (~) past the size limit")
+        spend(size)
         return "".join(texts)
 
-    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        _check_int_args(args + tuple(kwargs.values()))
-        result = super().call(__context, __obj, *args, **kwargs)
-        if _size(result) > MAX_RENDER_CHARS:
-            raise _too_big("builds a value past the size limit")
-        return result
+    def concat(self, pieces: Any) -> str:  # the output of macros, caller(), {% set %} and {% filter %} blocks
+        pieces = pieces if isinstance(pieces, list) else list(pieces)
+        size = sum(map(len, pieces))
+        if size > MAX_RENDER_CHARS:
+            raise too_big("builds a block past the size limit")
+        spend(size)
+        return "".join(pieces)
 
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, str) and attribute in ("format", "format_map"):
-            _check_widths(obj)
-        return super().getattr(obj, attribute)
+    def bounded_literal(self, value: Any) -> Any:
+        tick()
+        return checked(value, "builds a literal past the size limit")
 
+    def bounded_iter(self, iterable: Any) -> Any:
+        tick()
+        return ticking(iterable)
 
-def _check_widths(text: str) -> None:
-    """'{:>999999999}'.format(x) and '%999999999s' % x allocate before anything can check the result."""
-    if any(int(number) > MAX_RENDER_CHARS for number in _WIDTHS.findall(text)):
-        raise _too_big("formats with a huge width")
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja2's signature)
+        tick()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, (str, bytes, int)):  # methods of scalars take widths and lengths
+            check_int_args(args)
+            check_int_args(kwargs.values())
+            if not isinstance(owner, int):
+                args = check_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        elif is_lipsum(__obj):
+            check_lipsum(args, kwargs)
+        depth = enter_call()
+        try:
+            result = super().call(__context, __obj, *args, **kwargs)
+        finally:
+            leave_call(depth)
+        return checked(result)
 
+    def wrap_str_format(self, value: Any) -> Any:
+        """jinja2's sandboxed str.format / format_map, with fields sized before they are formatted."""
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) \
+                or value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
+            return None
+        owner, is_map = value.__self__, value.__name__ == "format_map"
+        formatter = _EscapeFormatter(self, escape=owner.escape) if isinstance(owner, Markup) else _Formatter(self)
 
-_WIDTHS = re.compile(r"(?:%[-#0 +]*|\{[^{}]*:[^{}]*?)(\d{7,})")
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one positional argument")
+                args, kwargs = (), args[0]
+            return type(owner)(formatter.vformat(owner, args, kwargs))
 
-
-def _check_int_args(values: tuple[Any, ...]) -> None:
-    """An int argument over the size limit (center(10**9), indent(10**9), ...) is a bomb, not a width."""
-    for value in values:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDER_CHARS:
-            raise _too_big(f"passes {value} as an argument")
-
-
-def _bounded_filter(function: Any) -> Any:
-    def bounded(*given: Any, **kwargs: Any) -> Any:
-        args = list(given)
-        _check_int_args(tuple(args) + tuple(kwargs.values()))
-        if function.__name__ in ("sync_do_join", "do_join") and len(args) > 1:  # (eval_ctx, value, d="")
-            args[1] = list(args[1])  # size the pieces before joining them
-            if sum(len(str(item)) for item in args[1]) > MAX_RENDER_CHARS:
-                raise _too_big("joins past the size limit")
-        result = function(*args, **kwargs)
-        if _size(result) > MAX_RENDER_CHARS:
-            raise _too_big(f"builds a value past the size limit (filter {function.__name__})")
-        return result
-
-    for attribute in ("jinja_pass_arg", "__name__"):  # jinja2 reads how to call a filter from these
-        if hasattr(function, attribute):
-            setattr(bounded, attribute, getattr(function, attribute))
-    return bounded
-
-
-@contextlib.contextmanager
-def render_deadline(name: str, seconds: float = MAX_RENDER_SECONDS) -> Iterator[None]:
-    """Abort the template's Python code once `seconds` have passed (this thread only)."""
-    end = time.perf_counter() + seconds
-    previous = sys.gettrace()
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if time.perf_counter() > end:
-            raise RenderLimitError(f"{name}: the chat template ran longer than {seconds:g} s",
-                                   hint="the template loops (too long or forever); fix it or rebuild the bundle")
-        # line events only inside the compiled template (its loops); other frames are checked on entry
-        return tracer if frame.f_code.co_filename == "<template>" else None
-
-    sys.settrace(tracer)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
+        return functools.update_wrapper(wrapper, value)
 
 
 def _environment() -> BoundedSandbox:
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-    env.filters["tojson"] = _tojson
-    env.filters.update({name: _bounded_filter(function) for name, function in env.filters.items()})
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
+    env.filters.update(tojson=_tojson, sum=bounded_sum)
+    env.filters.update({name: bounded_filter(name, function) for name, function in env.filters.items()})
+    env.tests.update({name: bounded_test(function) for name, function in env.tests.items()})
     return env
 
 
@@ -193,10 +246,14 @@ class ChatTemplate:
         self.name = name
         self.source = source
         self._tokens = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise RenderLimitError(f"{name}: the chat template is {len(source)} characters long "
+                                   f"(limit {MAX_TEMPLATE_CHARS})", hint="fix the template file, or rebuild the bundle")
         try:
             self._template = _environment().from_string(source)
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"{name}: the chat template does not compile ({_describe(exc)})",
+        except (jinja2.TemplateError, RecursionError, MemoryError, SyntaxError, ValueError) as exc:
+            detail = _describe(exc) if isinstance(exc, jinja2.TemplateError) else f"{type(exc).__name__}: {exc}"
+            raise TemplateError(f"{name}: the chat template does not compile ({detail})",
                                 hint="fix the template file, or rebuild the bundle") from None
 
     @classmethod
@@ -211,16 +268,19 @@ class ChatTemplate:
     def fallback(cls, bos_token: str | None = None, eos_token: str | None = None) -> ChatTemplate:
         return cls(CHATML_TEMPLATE, _FALLBACK_NAME, bos_token, eos_token)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None) -> str:
+        """The prompt; safe to call from any thread (each render has its own deadline)."""
         _check_messages(messages)
         try:
             with render_deadline(self.name):
                 pieces, size = [], 0
                 for piece in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     **self._tokens):
+                                                     tools=tools, documents=documents, **self._tokens):
                     size += len(piece)
                     if size > MAX_RENDER_CHARS:
-                        raise _too_big("renders past the output limit")
+                        raise too_big("renders past the output limit")
+                    tick()
                     pieces.append(piece)
             prompt = "".join(pieces)
             if not prompt.strip():
@@ -238,7 +298,7 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:  # SecurityError (a sandbox escape) is one of these
             raise TemplateError(f"{self.name}: the chat template failed ({_describe(exc)})",
                                 hint="the template is broken or unsafe; fix it or rebuild the bundle") from None
-        except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
+        except Exception as exc:  # TypeError, KeyError, ... (jinja2's truncate asserts): the template's bug
             raise TemplateError(f"{self.name}: the chat template failed ({type(exc).__name__}: {exc})",
                                 hint="check the messages' roles and contents, or fix the template") from None
 
@@ -251,6 +311,13 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise GenerationError(f"messages[{index}] is not a dict with a string 'role'",
                                   hint='pass e.g. {"role": "user", "content": "Hi"}')
+        if isinstance(message.get("content"), str):  # name the message, not a position in the rendered prompt
+            check_text(message["content"], f"messages[{index}].content")
+    # the messages alone past the prompt limit: the input is too long, not the template broken
+    size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    if size > MAX_RENDER_CHARS:
+        raise GenerationError(f"the messages hold {size} characters; a prompt holds at most {MAX_RENDER_CHARS}",
+                              hint="shorten the message (a context of a few thousand tokens holds ~4 characters each)")
 
 
 def _describe(exc: jinja2.TemplateError) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import edgelm_runtime as er
-from edgelm_runtime.generate import StopFilter
+from edgelm_runtime.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS, StopFilter
+from edgelm_runtime.templates import ChatTemplate
 
 PROMPT = "Once upon a time"
 GREEDY = er.SamplingParams(temperature=0.0)
@@ -157,3 +161,121 @@ def test_a_last_message_longer_than_the_context_is_a_clear_error(llm) -> None:
         llm.fit_history([{"role": "user", "content": "word " * 400}], max_new_tokens=8)
     with pytest.raises(er.GenerationError, match="no user message"):
         llm.fit_history([{"role": "system", "content": "hi"}])
+
+
+def _one_turn_at_a_time(llm, messages: list[dict], max_new_tokens: int | None) -> list[dict] | None:
+    """The trimming rule as first written, one render per dropped turn (quadratic): the reference.
+    None where it found nothing that fits."""
+    def ids(kept: list[dict]) -> list[int]:
+        return llm.tokenizer.encode(llm.render_chat(kept), add_special_tokens=False)
+
+    room = min(max_new_tokens or llm.manifest.generation.max_new_tokens, llm.manifest.max_seq_len // 4)
+    budget = llm.manifest.max_seq_len - room
+    system = list(messages[:1]) if messages[0]["role"] == "system" else []
+    turns = list(messages[len(system):])
+    if not turns:
+        return None
+    prompt = ids(messages)
+    while len(prompt) > budget and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        prompt = ids(system + turns)
+    return system + turns if len(prompt) <= budget else None
+
+
+def test_trimming_keeps_what_the_one_turn_at_a_time_rule_kept(llm) -> None:
+    rng = random.Random(0)
+    for _ in range(150):
+        messages = [{"role": rng.choice(["user", "user", "assistant", "tool"]),
+                     "content": "word " * rng.choice([0, 1, 3, 10, 40, 150])} for _ in range(rng.randint(1, 60))]
+        if rng.random() < 0.5:
+            messages.insert(0, {"role": "system", "content": "rules " * rng.randint(0, 30)})
+        max_new_tokens = rng.choice([None, 8, 64])
+        expected = _one_turn_at_a_time(llm, messages, max_new_tokens)
+        try:
+            kept = llm.fit_history(messages, max_new_tokens)
+        except er.GenerationError:
+            kept = None
+        assert kept == expected, messages
+        if kept is not None:
+            assert llm.chat_prompt_ids(messages, max_new_tokens) == \
+                llm.tokenizer.encode(llm.render_chat(kept), add_special_tokens=False)
+
+
+class CountingTemplate:
+    def __init__(self, template: ChatTemplate) -> None:
+        self.template, self.renders = template, 0
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        self.renders += 1
+        return self.template.render(messages, add_generation_prompt)
+
+
+@pytest.mark.parametrize("roles", ["alternating", "random"])
+def test_trimming_3000_messages_renders_a_logarithmic_number_of_times(llm, roles: str) -> None:
+    template = CountingTemplate(ChatTemplate.from_file(llm.path / llm.manifest.chat_template_file,
+                                                       llm.manifest.bos_token, llm.manifest.eos_token))
+    model = er.LanguageModel(llm.path, llm.manifest, llm.decoder, llm.tokenizer, template)
+    rng = random.Random(1)
+    turns = [{"role": ("user" if i % 2 == 0 else "assistant") if roles == "alternating" else
+              rng.choice(["user", "assistant", "tool"]), "content": f"message {i} " + "x" * rng.randint(0, 30)}
+             for i in range(3000)]
+    turns[-1]["role"] = "user"
+    system = {"role": "system", "content": "Be brief."}
+    kept = model.fit_history([system, *turns], max_new_tokens=16)
+    candidates = [0, *(i for i in range(1, len(turns) - 1) if turns[i]["role"] == "user"), len(turns) - 1]
+    assert template.renders <= 2 * math.log2(len(candidates)) + 3  # one render per candidate: ~1,500
+    start = len(turns) - (len(kept) - 1)
+    assert kept == [system, *turns[start:]] and start in candidates
+    budget = llm.manifest.max_seq_len - 16
+    assert len(model.chat_prompt_ids(kept, 16)) <= budget  # it fits, and the next longer candidate does not
+    longer = candidates[candidates.index(start) - 1]
+    assert len(llm.tokenizer.encode(llm.render_chat([system, *turns[longer:]]), add_special_tokens=False)) > budget
+
+
+def test_trimming_stops_at_its_deadline(llm) -> None:
+    from edgelm_runtime.model import PromptDeadlineError
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(3001)]
+    with pytest.raises(PromptDeadlineError, match="deadline"):
+        llm.chat_prompt_ids(turns, 16, deadline=time.monotonic() - 1)
+    assert llm.chat_prompt_ids(turns, 16, deadline=time.monotonic() + 60)
+
+
+class _QuadraticStopFilter:
+    """StopFilter as first written (every push searches the whole held text): the reference."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self._stops, self._held, self.stopped = stop, "", False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        held = self._held + text
+        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._held = True, ""
+            return held[:cut]
+        keep = max((next((n for n in range(min(len(held), len(s) - 1), 0, -1) if held.endswith(s[:n])), 0)
+                    for s in self._stops), default=0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+
+def test_stop_filter_matches_the_reference_on_random_streams() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab<>") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        pieces = ["".join(rng.choice("ab<> ") for _ in range(rng.randint(0, 4))) for _ in range(12)]
+        fast, slow = StopFilter(stops), _QuadraticStopFilter(stops)
+        assert [fast.push(p) for p in pieces] == [slow.push(p) for p in pieces], (stops, pieces)
+        assert fast.stopped == slow.stopped
+
+
+@pytest.mark.parametrize(("stop", "match"), [(["x"] * (MAX_STOP_STRINGS + 1), "at most 16"),
+                                             (["x" * (MAX_STOP_CHARS + 1)], r"stop\[0\] is 257 characters")])
+def test_stop_lists_are_bounded(llm: er.LanguageModel, stop: list[str], match: str) -> None:
+    with pytest.raises(er.GenerationError, match=match):
+        llm.generate(PROMPT, stop=stop)
+    StopFilter(stop[:MAX_STOP_STRINGS] if len(stop) > 1 else [stop[0][:MAX_STOP_CHARS]])  # at the limit: fine

@@ -170,3 +170,17 @@ def test_api_key_is_required_when_set(tiny_bundle):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_streamed_usage_with_the_openai_client(client, tiny_bundle):
+    chunks = list(client.chat.completions.create(model=tiny_bundle.name, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 4
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+
+
+def test_fields_the_server_cannot_honour_are_refused_not_ignored(client, tiny_bundle):
+    with pytest.raises(openai.BadRequestError, match="n is not supported"):
+        client.completions.create(model=tiny_bundle.name, prompt="hi", max_tokens=2, n=2)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)

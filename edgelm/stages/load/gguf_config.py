@@ -61,6 +61,25 @@ class _File:
         return self._tensors.get(name)
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, rows first as torch orders them, from the file's tensor table (no data):
+    what load.weights checks the config's sizes against."""
+    try:
+        try:
+            from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
+        except ImportError:  # another transformers layout: gguf-py's complete (slower) reader
+            from gguf import GGUFReader
+
+            return {t.name: tuple(int(n) for n in reversed(t.shape)) for t in GGUFReader(str(path)).tensors}
+        blob = _mapped(str(path))
+        _, count, pos = _read_metadata(blob, str(path))
+        return {name: tuple(int(n) for n in shape) for name, shape, *_ in _read_tensor_table(blob, count, pos)[0]}
+    except Exception as exc:  # struct.error, ValueError, numpy's errors on a cut-off table
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: cannot read the GGUF tensor table ({reason})",
+                             hint="the file is truncated or not a GGUF file; download or convert it again") from None
+
+
 def config_overrides(path: Path, config: Any) -> dict[str, Any]:
     """Config fields (as a transformers config dict spells them) that the file states and
     transformers' reader did not carry over; {} when it carried everything."""

