@@ -20,7 +20,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -34,14 +33,10 @@ from pathlib import Path
 
 
 def host() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+    from edgelm_runtime.hardware import describe_host
+
     load = ", load %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} logical CPUs{load}, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
+    return describe_host() + load
 
 
 def rss_mb(pid: int) -> float:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from importlib.metadata import version
@@ -61,13 +59,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 def host() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, jinja2 {version('jinja2')}")
+    from edgelm_runtime.hardware import describe_host
+
+    return f"{describe_host()}, jinja2 {version('jinja2')}"
 
 
 def plain(source: str):

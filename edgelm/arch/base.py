@@ -8,12 +8,21 @@ The facts are read from the transformers config, never guessed from module names
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_INPUT, MLP_INPUT = ("q", "k", "v"), ("gate", "up")
 
+
+# What a Hugging Face checkpoint of these families names its tensors, for the config-vs-weights
+# check before anything loads (edgelm/stages/load/weights.py): the embedding, a layer's index, and
+# the first layer's down / q / k / packed qkv projections (Phi-3 packs q, k and v).
+CHECKPOINT_TENSORS = ("embed_tokens.weight", re.compile(r"(?:^|\.)layers\.(\d+)\."),
+                      ("mlp.down_proj.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                       "self_attn.qkv_proj.weight"))
 
 @dataclass(frozen=True)
 class RoleWeight:

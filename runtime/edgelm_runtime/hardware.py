@@ -10,6 +10,7 @@ Used by `edgelm bench` (the machine a number was measured on) and the build's pr
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -68,6 +69,13 @@ def cpu_model(cpuinfo: str | None = None) -> str:
         if line.startswith(("model name", "Hardware", "CPU part")):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+
+def describe_host() -> str:
+    """One line for a measurement: CPU model, logical CPUs, OS, Python (benchmarks print it beside their numbers)."""
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ def _chat(bundle, stdin: bytes) -> subprocess.CompletedProcess:
 
 def test_invalid_bytes_in_a_chat_line_refuse_that_turn_only(tiny_bundle):
     done = _chat(tiny_bundle, b"hi\n\xff\xfe\nhello\n/exit\n")
-    out = done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
+    out = " ".join((done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")).split())
     assert done.returncode == 0, out
     assert "Traceback" not in out and out.count("bot>") == 2  # the turns before and after are answered
     assert "messages[2].content is not valid Unicode: a lone surrogate U+DCFF at character 0" in out
@@ -29,7 +29,7 @@ def test_invalid_bytes_in_a_chat_line_refuse_that_turn_only(tiny_bundle):
 
 def test_a_5mb_chat_line_is_refused_for_that_turn_only(tiny_bundle):
     done = _chat(tiny_bundle, b"x" * 5_000_000 + b"\nhello\n/exit\n")
-    out = done.stdout.decode() + done.stderr.decode()
+    out = " ".join((done.stdout.decode() + done.stderr.decode()).split())  # rich wraps at 80 columns in a pipe
     assert done.returncode == 0, out[-2000:]
     assert "the messages hold 5000000 characters; a prompt holds at most 1048576" in out
     assert out.count("bot>") == 1 and "hostile" not in out  # the input is too long; the template is fine

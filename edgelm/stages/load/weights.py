@@ -16,6 +16,7 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from edgelm.arch.base import CHECKPOINT_TENSORS
 from edgelm.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ _MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON head
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads")
 # tensor names per layout: embedding, a layer's index, the first layer's down / q / k / packed qkv projections
-_HF_NAMES = ("embed_tokens.weight", re.compile(r"(?:^|\.)layers\.(\d+)\."),
-             ("mlp.down_proj.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.qkv_proj.weight"))
+# (a Hugging Face checkpoint's: edgelm.arch.base.CHECKPOINT_TENSORS; a GGUF's: llama.cpp's names)
 _GGUF_KEYS = {"num_hidden_layers": "block_count", "vocab_size": "vocab_size", "hidden_size": "embedding_length",
               "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
               "num_key_value_heads": "attention.head_count_kv"}
@@ -112,7 +112,7 @@ def check_sizes(folder: Path, gguf_file: str | None, config: Any) -> None:
         hint = "the file's metadata does not match its tensors; convert the model again (llama.cpp's " \
                "convert_hf_to_gguf.py) or download the file again"
     else:
-        where, names = folder / "config.json", _HF_NAMES
+        where, names = folder / "config.json", CHECKPOINT_TENSORS
         shapes = {name: shape for path in weight_files(folder) for name, shape in _header(path).items()}
         hint = "config.json does not belong to these weights; use the config.json saved with them " \
                "(save_pretrained writes both)"
