@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 
 from tests.stages.test_adapters import make_adapter
-from tests.integration.test_cli import _assert_clean_error, _run
+from tests.integration.test_cli import _assert_clean_error
 from tests.integration.test_cli_adapters import _other_base
 
 
