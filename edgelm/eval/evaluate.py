@@ -102,8 +102,13 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
             key = f"{name}-{k}shot"
             accuracy, reference_accuracy = task_accuracy(
                 task, k, encode, scorers, candidate.manifest.max_seq_len, on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
-            result["tasks"][key] = {"accuracy": round(accuracy, 4), "reference_accuracy": round(reference_accuracy, 4),
-                                    "n": len(task.examples)}
+            # accuracy: the runtime's default convention (classify()); by_scoring: every convention
+            result["tasks"][key] = {"accuracy": round(accuracy["per_token"], 4),
+                                    "reference_accuracy": round(reference_accuracy["per_token"], 4),
+                                    "n": len(task.examples), "scoring": "per_token",
+                                    "by_scoring": {name: {"accuracy": round(accuracy[name], 4),
+                                                          "reference_accuracy": round(reference_accuracy[name], 4)}
+                                                   for name in accuracy}}
     return result
 
 

@@ -110,16 +110,31 @@ Scorer = Callable[[list[int], list[list[int]]], list[np.ndarray]]
 
 
 def task_accuracy(task: Task, shots: int, encode: Callable[[str], list[int]], scorers: Sequence[Scorer],
-                  context: int, on_example: Callable[[int], None] = lambda i: None) -> list[float]:
-    """Accuracy of each scorer on the task (the same prompts and tokens for all of them). A prompt
-    longer than the context loses its oldest tokens (the start of the first demonstration)."""
-    label_ids = [encode(" " + label) for label in task.labels]
+                  context: int, on_example: Callable[[int], None] = lambda i: None) -> list[dict[str, float]]:
+    """Accuracy of each scorer on the task (the same prompts and tokens for all of them), under
+    every scoring convention (edgelm_runtime.scoring.SCORINGS) and each contextually calibrated
+    ("<convention>+calibrated": the labels' scores after the content-free input subtracted). A
+    prompt longer than the context loses its oldest tokens (the start of the first demonstration)."""
+    from edgelm_runtime.model import CONTENT_FREE
+    from edgelm_runtime.scoring import SCORINGS, aggregate
+
+    texts = [" " + label for label in task.labels]
+    label_ids = [encode(text) for text in texts]
     keep = context - max(len(ids) for ids in label_ids)
-    correct = [0] * len(scorers)
+
+    def scores(logprobs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {scoring: np.asarray([aggregate(lp, text, scoring) for lp, text in zip(logprobs, texts)])
+                for scoring in SCORINGS}
+
+    free = encode(task.prompt(CONTENT_FREE, shots))[-keep:]
+    priors = [scores(scorer(free, label_ids)) for scorer in scorers]
+    correct = [dict.fromkeys([*SCORINGS, *(f"{s}+calibrated" for s in SCORINGS)], 0) for _ in scorers]
     for i, example in enumerate(task.examples):
         prompt_ids = encode(task.prompt(example.text, shots))[-keep:]
+        gold = task.labels.index(example.label)
         for s, scorer in enumerate(scorers):
-            scores = [float(lp.mean()) for lp in scorer(prompt_ids, label_ids)]
-            correct[s] += task.labels[int(np.argmax(scores))] == example.label
+            for scoring, values in scores(scorer(prompt_ids, label_ids)).items():
+                correct[s][scoring] += int(np.argmax(values)) == gold
+                correct[s][f"{scoring}+calibrated"] += int(np.argmax(values - priors[s][scoring])) == gold
         on_example(i + 1)
-    return [c / len(task.examples) for c in correct]
+    return [{name: count / len(task.examples) for name, count in tally.items()} for tally in correct]

@@ -20,7 +20,7 @@ from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationErr
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
-from edgelm_runtime.scoring import continuation_logprobs
+from edgelm_runtime.scoring import aggregate, check_scoring, continuation_logprobs
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
@@ -64,6 +64,8 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
                           hint="fix the manifest's generation section, or rebuild the bundle") from None
     return llm
 
+
+CONTENT_FREE = "N/A"  # the content-free input of contextual calibration (Zhao et al., 2021)
 
 class LanguageModel:
     """A loaded bundle. Not thread-safe: serve one request at a time per instance."""
@@ -257,11 +259,14 @@ class LanguageModel:
         limit = max_new_tokens or template.max_new_tokens
         return "".join(self._stream_text(ids, limit, params, list(template.stop) or None))
 
-    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
-        """Mean log-probability per token of each continuation after `prompt` (the prompt runs once).
+    def score(self, prompt: str, continuations: Sequence[str], scoring: str = "per_token") -> list[float]:
+        """The score of each continuation after `prompt` (the prompt runs once): its tokens'
+        log-probabilities aggregated by `scoring` (edgelm_runtime.scoring.SCORINGS: "sum", "per_token"
+        (the mean, the default), "per_char", "per_byte").
 
         Continuation tokens are those of prompt + continuation beyond the prompt's own tokens, so a
         merge across the boundary is scored as the model would see it."""
+        check_scoring(scoring)
         if not continuations:
             raise GenerationError("no continuations to score", hint='pass e.g. [" yes", " no"]')
         context = self._tokenizer.encode(prompt, add_special_tokens=True)
@@ -273,16 +278,19 @@ class LanguageModel:
             if not tail:
                 raise GenerationError(f"continuation {text!r} has no tokens", hint="pass non-empty continuations")
             tokens.append(tail)
-        return [float(np.mean(lp)) for lp in self.continuation_logprobs(context, tokens)]
+        return [aggregate(lp, text, scoring) for lp, text in zip(self.continuation_logprobs(context, tokens), continuations)]
 
     def classify(self, text: str, labels: Sequence[str] | None = None,
                  examples: Sequence[tuple[str, str]] | None = None, template: str | None = None,
-                 shots: int | None = None) -> Classification:
-        """The label whose tokens are most likely after the prompt (length-normalised).
+                 shots: int | None = None, scoring: str = "per_token", calibrate: bool = False) -> Classification:
+        """The label whose tokens score best after the prompt (`scoring`, as in score()).
 
         `template` names a classify template of the bundle (its labels and few-shot pool are the
         defaults); `examples` are the caller's own few-shot (text, label) pairs; `shots` takes k of
-        the template's pool, round-robin over the labels."""
+        the template's pool, round-robin over the labels. calibrate=True is contextual calibration
+        ("calibrate before use"): each label's score after a content-free input ("N/A") is
+        subtracted, which divides out the prompt's own prior for the label."""
+        check_scoring(scoring)
         chosen = self.template(template) if template else template_from_dict("classify", DEFAULT_CLASSIFY)
         if chosen.kind != "classify":
             raise TemplateError(f"template {template!r} is a generate template", hint=f"use llm.complete({template!r}, ...)")
@@ -291,7 +299,11 @@ class LanguageModel:
             raise GenerationError(f"labels {labels!r}: need two or more distinct labels",
                                   hint='pass labels=["positive", "negative"] or a template that has them')
         prompt = chosen.classify_prompt(text, labels, examples, shots)
-        scores = dict(zip(labels, self.score(prompt, [" " + label for label in labels])))
+        continuations = [" " + label for label in labels]
+        scores = dict(zip(labels, self.score(prompt, continuations, scoring)))
+        if calibrate:
+            prior = self.score(chosen.classify_prompt(CONTENT_FREE, labels, examples, shots), continuations, scoring)
+            scores = {label: scores[label] - bias for label, bias in zip(labels, prior)}
         return Classification(label=max(labels, key=scores.__getitem__), scores=scores)
 
     def _record_stats(self, stats: GenerationStats) -> None:

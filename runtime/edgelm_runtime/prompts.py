@@ -80,7 +80,8 @@ class PromptTemplate:
 
 @dataclass(frozen=True)
 class Classification:
-    """The best label and every label's score (mean log-probability of its tokens)."""
+    """The best label and every label's score (its tokens' log-probabilities under the scoring
+    convention used; mean per token by default)."""
 
     label: str
     scores: dict[str, float] = field(default_factory=dict)

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.session import DecoderSession
+
+# How the log-probabilities of a continuation's tokens become its score (lm-eval's names in brackets):
+# "sum" the total log-likelihood [acc]; "per_token" its mean over the tokens; "per_char" divided
+# by the continuation's characters [acc_norm]; "per_byte" by its UTF-8 bytes. The continuation is
+# the text as scored, its leading space included (" positive"), as lm-eval counts it.
+SCORINGS = ("sum", "per_token", "per_char", "per_byte")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -33,3 +40,24 @@ def continuation_logprobs(decoder: DecoderSession, prompt_ids: Sequence[int],
             logprobs += [rest[i, t] for i, t in enumerate(tokens[1:])]
         scores.append(np.asarray(logprobs))
     return scores
+
+
+def check_scoring(scoring: object) -> str:
+    if scoring not in SCORINGS:
+        raise GenerationError(f"scoring {scoring!r} is not a scoring convention", hint=f"use one of: {', '.join(SCORINGS)}")
+    return str(scoring)
+
+
+def aggregate(logprobs: Sequence[float], text: str, scoring: str) -> float:
+    """One continuation's score under `scoring` (SCORINGS) from its tokens' log-probabilities."""
+    total = float(np.sum(logprobs))
+    if scoring == "sum":
+        return total
+    if scoring == "per_token":
+        return total / max(1, len(logprobs))
+    if scoring == "per_char":
+        return total / max(1, len(text))
+    if scoring == "per_byte":
+        return total / max(1, len(text.encode("utf-8")))
+    check_scoring(scoring)
+    raise AssertionError("unreachable")

@@ -36,7 +36,13 @@ def test_eval_json_schema(tiny_bundle):
     data = json.loads(result.stdout[result.stdout.index("{"):])
     for key in ("perplexity", "reference_perplexity", "perplexity_ratio", "top1_agreement", "kl_divergence", "tasks"):
         assert key in data
-    assert set(data["tasks"]["sentiment-0shot"]) == {"accuracy", "reference_accuracy", "n"}
+    task = data["tasks"]["sentiment-0shot"]
+    assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "by_scoring"}
+    conventions = ("sum", "per_token", "per_char", "per_byte")
+    assert set(task["by_scoring"]) == {*conventions, *(f"{c}+calibrated" for c in conventions)}
+    assert task["scoring"] == "per_token" and task["by_scoring"]["per_token"]["accuracy"] == task["accuracy"]
+    # the bundle against its own source model in fp32: every convention agrees on which label wins
+    assert all(entry["accuracy"] == entry["reference_accuracy"] for entry in task["by_scoring"].values())
 
 
 def test_task_splits_are_fixed_balanced_and_disjoint():
