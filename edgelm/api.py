@@ -20,7 +20,7 @@ from edgelm.config.recipe import Recipe, load_recipe, parse_adapter
 from edgelm.errors import ConfigError, write_error
 from edgelm.eval.evaluate import evaluate as measure, gate_misses, raise_missed
 from edgelm.hardware import preflight_warnings
-from edgelm.pipeline.results import ManifestResult, StageResult
+from edgelm.pipeline.results import ManifestResult, StageResult, records
 from edgelm.pipeline.runner import run_stages
 from edgelm.pipeline.stage import BuildState, Progress, no_progress
 from edgelm.pipeline.workspace import Workspace
@@ -67,7 +67,7 @@ class BuildReport:
     @property
     def facts(self) -> dict[str, dict[str, Any]]:
         """Each stage's result as the manifest records it (provenance.stages)."""
-        return {name: result.record() for name, result in self.results.items()}
+        return records(self.results)
 
 
 def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,

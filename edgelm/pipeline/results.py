@@ -335,6 +335,11 @@ RESULT_TYPES: dict[str, type[StageResult]] = {cls.stage: cls for cls in (
     StaticResult, FuseResult, QuantizeResult, DeviceResult, PackageResult, QualityResult, ManifestResult)}
 
 
+def records(results: dict[str, StageResult]) -> dict[str, dict[str, Any]]:
+    """Every result as the manifest records it (provenance.stages, without the seconds)."""
+    return {name: result.record() for name, result in results.items()}
+
+
 def from_record(stage: str, data: dict[str, Any]) -> StageResult | None:
     """A manifest's stage record as its typed result; None for a stage this edgelm does not know."""
     cls = RESULT_TYPES.get(stage)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 from edgelm.config.plan import BuildPlan
-from edgelm.pipeline.results import StageResult
+from edgelm.pipeline.results import StageResult, records
 
 # progress(stage_name, completed, total, message): total None = indeterminate
 Progress = Callable[[str, float, float | None, str], None]
@@ -52,7 +52,7 @@ class BuildState:
     @property
     def facts(self) -> dict[str, dict[str, Any]]:
         """Every result as the manifest records it."""
-        return {name: result.record() for name, result in self.results.items()}
+        return records(self.results)
 
 
 class Stage(Protocol):

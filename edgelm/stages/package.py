@@ -196,8 +196,8 @@ class WriteManifest:
         package, quality, adapters = state.result(PackageResult), state.result(QualityResult), state.result(AdaptersResult)
         fuse = state.result(FuseResult)
         provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
-                      "stages": {name: {"seconds": state.seconds.get(name), **result.record()}
-                                 for name, result in state.results.items()}}
+                      "stages": {name: {"seconds": state.seconds.get(name), **record}
+                                 for name, record in state.facts.items()}}
         manifest = dataclasses.replace(
             package.manifest, quality=quality.record() if quality else {}, plan=state.plan.summary(),
             adapters=list(adapters.merged) if adapters else [],

@@ -50,6 +50,7 @@ def check_scoring(scoring: object) -> str:
 
 def aggregate(logprobs: Sequence[float], text: str, scoring: str) -> float:
     """One continuation's score under `scoring` (SCORINGS) from its tokens' log-probabilities."""
+    check_scoring(scoring)
     total = float(np.sum(logprobs))
     if scoring == "sum":
         return total
@@ -57,7 +58,4 @@ def aggregate(logprobs: Sequence[float], text: str, scoring: str) -> float:
         return total / max(1, len(logprobs))
     if scoring == "per_char":
         return total / max(1, len(text))
-    if scoring == "per_byte":
-        return total / max(1, len(text.encode("utf-8")))
-    check_scoring(scoring)
-    raise AssertionError("unreachable")
+    return total / max(1, len(text.encode("utf-8")))  # per_byte
