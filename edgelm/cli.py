@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 
 from edgelm import _cli_base as o
-from edgelm._cli_base import DEBUG, console, err_console, reports_errors
+from edgelm._cli_base import DEBUG, console, err_console, reports_errors, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=o.Group,
                   context_settings=o.SETTINGS,
@@ -287,7 +287,7 @@ def serve(
 
 
 def main() -> None:
-    app()
+    run(app)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ if the signal lands after the one-rename publish, the new bundle complete)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -55,3 +56,16 @@ def test_ctrl_c_while_the_command_starts_is_quiet(after, tmp_path):
     _, errors = command.communicate(timeout=120)
     assert command.returncode == 130 and "Traceback" not in errors and "interrupted" in errors, errors
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_ctrl_c_inside_exec_of_a_string_still_exits_130(tmp_path):
+    """CPython treats a KeyboardInterrupt leaving exec("...") as unhandled and, under `python -m`,
+    kills the process with SIGINT (-2) at exit after `interrupted` was printed, unless the CLI
+    exits itself (dataclasses and typing run exec() while importing: a Ctrl-C early in a build)."""
+    (tmp_path / "ctrl_c_app.py").write_text(
+        "import typer\nfrom edgelm._cli_base import reports_errors, run\napp = typer.Typer()\n"
+        "@app.command()\n@reports_errors\ndef go() -> None:\n    exec('raise KeyboardInterrupt')\nrun(app)\n")
+    command = subprocess.run([sys.executable, "-m", "ctrl_c_app"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert command.returncode == 130 and command.stderr.strip() == "interrupted", (command.returncode, command.stderr)
