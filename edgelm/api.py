@@ -187,15 +187,17 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
              shots: Sequence[int] = (0, 3), seed: int = 0, provider: str | None = None,
              max_perplexity_ratio: float | None = None, min_top1_agreement: float | None = None,
              max_kl_divergence: float | None = None, max_accuracy_drop: float | None = None,
-             check: bool = True, progress: Progress = no_progress) -> EvalReport:
+             check: bool = True, progress: Progress = no_progress,
+             formats: Sequence[str] = ("plain",)) -> EvalReport:
     """Measure a bundle against a reference (default: its source model in fp32): perplexity, top-1
-    agreement, KL divergence, zero/few-shot task accuracy; then the gates. The gate values are
+    agreement, KL divergence, zero/few-shot task accuracy (in each prompt format of `formats`:
+    plain, classify, chat); then the gates. The gate values are
     validated before anything loads (a bad one fails at once); a missed gate raises QualityGateError
     with the numbers, or with check=False is only listed in the report (report.check() raises later)."""
     gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
                       "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
     result = measure(bundle, reference, windows, window_len, eval_text, list(tasks), samples, list(shots), seed,
-                     progress=progress, provider=provider)
+                     progress=progress, provider=provider, formats=list(formats))
     report = EvalReport(result, tuple(gate_misses(result, gates, max_accuracy_drop)))
     if check:
         report.check()

@@ -167,7 +167,8 @@ def evaluate(
     windows: int = typer.Option(8, "--windows", help="Perplexity windows."),
     window_len: int = typer.Option(256, "--window-len", help="Tokens per window."),
     eval_text: str = typer.Option("builtin", "--eval-text", help="Held-out .txt (default: BBC tech articles)."),
-    tasks: str = typer.Option("sentiment,topic", "--tasks", help="Comma-separated tasks, or '' for none."),
+    tasks: str = typer.Option("sentiment,topic", "--tasks", help="Comma-separated tasks (sentiment, topic, capitals, yesno), or '' for none."),
+    formats: str = typer.Option("plain", "--formats", help="Comma-separated prompt formats: plain, classify, chat."),
     samples: int = typer.Option(100, "--samples", help="Examples per task (balanced over labels)."),
     shots: str = typer.Option("0,3", "--shots", help="Comma-separated few-shot counts."),
     seed: int = typer.Option(0, "--seed", help="Seed of the task splits."),
@@ -190,7 +191,7 @@ def evaluate(
                               shots=[int(k) for k in shots.split(",") if k.strip()], seed=seed, provider=provider,
                               max_perplexity_ratio=max_perplexity_ratio, min_top1_agreement=min_top1_agreement,
                               max_kl_divergence=max_kl_divergence, max_accuracy_drop=max_accuracy_drop, check=False,
-                              progress=progress.update)
+                              progress=progress.update, formats=[f.strip() for f in formats.split(",") if f.strip()])
     if as_json:
         sys.stdout.write(json.dumps(report.result, indent=2) + "\n")
     else:

@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def split(test_samples: int, seed: int):
     """(task, train examples): the test split and few-shot pool of `edgelm eval`, and the rest."""
-    from edgelm.eval.tasks import Example, sentiment_task
+    from edgelm.eval.task_data import sentiment_task
+    from edgelm.eval.tasks import Example
 
     task = sentiment_task(test_samples, seed)
     held_out = {e.text for e in task.examples} | {e.text for e in task.pool}
@@ -74,7 +75,7 @@ def batches(train, tokenizer, task, batch_size: int, steps: int, seed: int):
             cursors[label] += 1
             if cursors[label] % len(pool) == 0:
                 rng.shuffle(pool)
-            prompt = tokenizer(task.prompt(example.text, 0), add_special_tokens=False)["input_ids"][-96:]
+            prompt = tokenizer(task.prompt(example.text, task.labels, 0)[0], add_special_tokens=False)["input_ids"][-96:]
             answer = tokenizer(" " + example.label, add_special_tokens=False)["input_ids"]
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output, safe_serialization=True)
-    prompts = [task.prompt(e.text, 0) + " " + e.label for e in train[: args.calibration_samples]]
+    prompts = ["".join(task.prompt(e.text, task.labels, 0)) + e.label for e in train[: args.calibration_samples]]
     (args.output / "calibration.txt").write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n", encoding="utf-8")
     facts = {"base_model": loaded.source["path"], "base_sha256": loaded.source["sha256"], "steps": args.steps,
              "batch_size": args.batch_size, "lr": args.lr, "rank": args.rank, "targets": TARGETS, "seed": args.seed,

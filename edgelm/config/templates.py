@@ -17,6 +17,7 @@ from edgelm.config._yaml import load_yaml_model
 from edgelm.config.profile import Frozen
 from edgelm_runtime.errors import TemplateError
 from edgelm_runtime.prompts import PromptTemplate, template_from_dict
+from edgelm_runtime.scoring import SCORINGS
 
 
 class Example(Frozen):
@@ -34,6 +35,10 @@ class TemplateSpec(Frozen):
     examples: tuple[Example, ...] = ()
     shots: int = Field(0, ge=0, le=32, description="pool examples used by default (round-robin over labels)")
     separator: str = "\n\n"
+    scoring: Literal[SCORINGS] | None = Field(  # type: ignore[valid-type]
+        None, description="the scoring convention classify() uses with this template (default: the runtime's)")
+    chat: bool = Field(False, description="ask in a user turn of the chat template; the label is the reply")
+    calibrate: bool = Field(False, description="classify() calibrates against a content-free input by default")
     # generate: free text with {variables}
     template: str = ""
     stop: tuple[str, ...] = ()

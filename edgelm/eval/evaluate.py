@@ -15,7 +15,8 @@ import numpy as np
 
 from edgelm.errors import ConfigError, QualityGateError
 from edgelm.eval.metrics import compare
-from edgelm.eval.tasks import load_task, task_accuracy
+from edgelm.eval.task_data import TASK_NAMES, load_task
+from edgelm.eval.tasks import task_accuracy
 from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.stage import Progress, no_progress
 from edgelm_runtime.bundle import MANIFEST_FILE
@@ -82,8 +83,15 @@ def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
 def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,
              eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
              shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress,
-             provider: str | None = None) -> dict[str, Any]:
+             provider: str | None = None, formats: Sequence[str] = ("plain",)) -> dict[str, Any]:
     import edgelm_runtime
+    from edgelm.eval.tasks import FORMATS
+    from edgelm_runtime.scoring import DEFAULT_SCORING
+
+    for asked, known, what in ((formats, FORMATS, "prompt format"), (tasks, TASK_NAMES, "task")):
+        unknown = [name for name in asked if name not in known]
+        if unknown:  # before anything loads
+            raise ConfigError(f"unknown {what} {unknown[0]!r}", hint=f"use one of: {', '.join(known)}")
 
     candidate = edgelm_runtime.load_bundle(bundle, provider=provider)
     progress("reference", 0, None, "loading the reference")
@@ -99,16 +107,19 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     for name in tasks:
         task = load_task(name, samples, seed)
         for k in shots:
-            key = f"{name}-{k}shot"
-            accuracy, reference_accuracy = task_accuracy(
-                task, k, encode, scorers, candidate.manifest.max_seq_len, on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
-            # accuracy: the runtime's default convention (classify()); by_scoring: every convention
-            result["tasks"][key] = {"accuracy": round(accuracy["per_token"], 4),
-                                    "reference_accuracy": round(reference_accuracy["per_token"], 4),
-                                    "n": len(task.examples), "scoring": "per_token",
-                                    "by_scoring": {name: {"accuracy": round(accuracy[name], 4),
-                                                          "reference_accuracy": round(reference_accuracy[name], 4)}
-                                                   for name in accuracy}}
+            for fmt in formats:  # the plain format keeps the bare key (sentiment-0shot)
+                key = f"{name}-{k}shot" + ("" if fmt == "plain" else f"-{fmt}")
+                accuracy, reference_accuracy = task_accuracy(
+                    task, k, encode, scorers, candidate.manifest.max_seq_len, fmt, candidate.render_chat,
+                    on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
+                # accuracy: the runtime's default convention (classify()); by_scoring: every convention
+                result["tasks"][key] = {
+                    "accuracy": round(accuracy[DEFAULT_SCORING], 4),
+                    "reference_accuracy": round(reference_accuracy[DEFAULT_SCORING], 4),
+                    "n": len(task.examples), "scoring": DEFAULT_SCORING, "format": fmt,
+                    "by_scoring": {scoring: {"accuracy": round(accuracy[scoring], 4),
+                                             "reference_accuracy": round(reference_accuracy[scoring], 4)}
+                                   for scoring in accuracy}}
     return result
 
 

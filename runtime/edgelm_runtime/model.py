@@ -20,7 +20,7 @@ from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationErr
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
-from edgelm_runtime.scoring import aggregate, check_scoring, continuation_logprobs
+from edgelm_runtime.scoring import DEFAULT_SCORING, aggregate, check_scoring, continuation_logprobs, split_continuations
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
@@ -259,52 +259,52 @@ class LanguageModel:
         limit = max_new_tokens or template.max_new_tokens
         return "".join(self._stream_text(ids, limit, params, list(template.stop) or None))
 
-    def score(self, prompt: str, continuations: Sequence[str], scoring: str = "per_token") -> list[float]:
+    def score(self, prompt: str, continuations: Sequence[str], scoring: str = DEFAULT_SCORING) -> list[float]:
         """The score of each continuation after `prompt` (the prompt runs once): its tokens'
         log-probabilities aggregated by `scoring` (edgelm_runtime.scoring.SCORINGS: "sum", "per_token"
         (the mean, the default), "per_char", "per_byte").
 
-        Continuation tokens are those of prompt + continuation beyond the prompt's own tokens, so a
-        merge across the boundary is scored as the model would see it."""
+        The prompt and continuations are split into tokens as lm-eval splits them
+        (scoring.split_continuations), so a merge across the boundary is scored as the model sees it."""
+        return self._score(prompt, continuations, scoring, special_tokens=True)
+
+    def _score(self, prompt: str, continuations: Sequence[str], scoring: str, special_tokens: bool) -> list[float]:
         check_scoring(scoring)
-        if not continuations:
-            raise GenerationError("no continuations to score", hint='pass e.g. [" yes", " no"]')
-        context = self._tokenizer.encode(prompt, add_special_tokens=True)
-        tokens = []
-        for text in continuations:
-            whole = self._tokenizer.encode(prompt + text, add_special_tokens=True)
-            tail = whole[len(context):] if whole[:len(context)] == context else \
-                self._tokenizer.encode(text, add_special_tokens=False)
-            if not tail:
-                raise GenerationError(f"continuation {text!r} has no tokens", hint="pass non-empty continuations")
-            tokens.append(tail)
+        context, tokens = split_continuations(lambda text: self._tokenizer.encode(text, special_tokens), prompt,
+                                              continuations)
         return [aggregate(lp, text, scoring) for lp, text in zip(self.continuation_logprobs(context, tokens), continuations)]
 
     def classify(self, text: str, labels: Sequence[str] | None = None,
                  examples: Sequence[tuple[str, str]] | None = None, template: str | None = None,
-                 shots: int | None = None, scoring: str = "per_token", calibrate: bool = False) -> Classification:
-        """The label whose tokens score best after the prompt (`scoring`, as in score()).
+                 shots: int | None = None, scoring: str | None = None, calibrate: bool | None = None) -> Classification:
+        """The label whose tokens score best after the prompt (`scoring`, as in score(); by default
+        the template's own, else DEFAULT_SCORING).
 
-        `template` names a classify template of the bundle (its labels and few-shot pool are the
-        defaults); `examples` are the caller's own few-shot (text, label) pairs; `shots` takes k of
-        the template's pool, round-robin over the labels. calibrate=True is contextual calibration
-        ("calibrate before use"): each label's score after a content-free input ("N/A") is
-        subtracted, which divides out the prompt's own prior for the label."""
-        check_scoring(scoring)
+        `template` names a classify template of the bundle (its labels, few-shot pool, scoring,
+        format and calibration are the defaults); `examples` are the caller's own few-shot (text, label) pairs;
+        `shots` takes k of the template's pool, round-robin over the labels. A template with
+        `chat: true` asks in a user turn of the chat template and scores the label as the reply.
+        calibrate=True is contextual calibration ("calibrate before use"): each label's score after
+        a content-free input ("N/A") is subtracted, which divides out the prompt's own prior for it."""
         chosen = self.template(template) if template else template_from_dict("classify", DEFAULT_CLASSIFY)
         if chosen.kind != "classify":
             raise TemplateError(f"template {template!r} is a generate template", hint=f"use llm.complete({template!r}, ...)")
+        scoring = check_scoring(scoring or chosen.scoring or DEFAULT_SCORING)
         labels = list(labels or chosen.labels)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise GenerationError(f"labels {labels!r}: need two or more distinct labels",
                                   hint='pass labels=["positive", "negative"] or a template that has them')
-        prompt = chosen.classify_prompt(text, labels, examples, shots)
-        continuations = [" " + label for label in labels]
-        scores = dict(zip(labels, self.score(prompt, continuations, scoring)))
-        if calibrate:
-            prior = self.score(chosen.classify_prompt(CONTENT_FREE, labels, examples, shots), continuations, scoring)
-            scores = {label: scores[label] - bias for label, bias in zip(labels, prior)}
-        return Classification(label=max(labels, key=scores.__getitem__), scores=scores)
+
+        def scores(query: str) -> list[float]:
+            if chosen.chat:  # the chat template writes the special tokens; the reply starts the answer
+                prompt = self.render_chat(chosen.classify_messages(query, labels, examples, shots))
+                return self._score(prompt, labels, scoring, special_tokens=False)
+            return self.score(chosen.classify_prompt(query, labels, examples, shots), [" " + lb for lb in labels], scoring)
+
+        values = dict(zip(labels, scores(text)))
+        if chosen.calibrate if calibrate is None else calibrate:
+            values = {label: values[label] - bias for label, bias in zip(labels, scores(CONTENT_FREE))}
+        return Classification(label=max(labels, key=values.__getitem__), scores=values)
 
     def _record_stats(self, stats: GenerationStats) -> None:
         self.last_stats = stats

@@ -5,7 +5,7 @@ its inputs, so one past serves every continuation). No text is generated or pars
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from edgelm_runtime.session import DecoderSession
 # by the continuation's characters [acc_norm]; "per_byte" by its UTF-8 bytes. The continuation is
 # the text as scored, its leading space included (" positive"), as lm-eval counts it.
 SCORINGS = ("sum", "per_token", "per_char", "per_byte")
+DEFAULT_SCORING = "per_token"  # score() and classify() without a scoring (docs/zero-shot.md measures each)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,6 +41,29 @@ def continuation_logprobs(decoder: DecoderSession, prompt_ids: Sequence[int],
             logprobs += [rest[i, t] for i, t in enumerate(tokens[1:])]
         scores.append(np.asarray(logprobs))
     return scores
+
+
+def split_continuations(encode: Callable[[str], list[int]], prompt: str,
+                        continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids and each continuation's, split at the boundary as lm-eval splits
+    them: whitespace ending the prompt moves to the front of the continuation, and a
+    continuation's tokens are those of prompt + continuation past the prompt's own (so a merge
+    across the boundary is scored as the model sees it; where the prompt's tokens change, the
+    continuation is encoded alone)."""
+    if not continuations:
+        raise GenerationError("no continuations to score", hint='pass e.g. [" yes", " no"]')
+    trailing = len(prompt) - len(prompt.rstrip())
+    if trailing:
+        prompt, continuations = prompt[:-trailing], [prompt[-trailing:] + text for text in continuations]
+    context = encode(prompt)
+    tails = []
+    for text in continuations:
+        whole = encode(prompt + text)
+        tail = whole[len(context):] if whole[:len(context)] == context else encode(text)
+        if not tail:
+            raise GenerationError(f"continuation {text!r} has no tokens", hint="pass non-empty continuations")
+        tails.append(tail)
+    return context, tails
 
 
 def check_scoring(scoring: object) -> str:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from edgelm.cli import app
 from edgelm.eval.evaluate import evaluate
-from edgelm.eval.tasks import load_task
+from edgelm.eval.task_data import load_task
 
 SMALL = {"windows": 2, "window_len": 64, "samples": 8, "shots": (0, 2)}
 
@@ -31,13 +31,15 @@ def test_default_reference_is_the_recorded_source_model(tiny_bundle):
 
 def test_eval_json_schema(tiny_bundle):
     result = CliRunner().invoke(app, ["eval", str(tiny_bundle), "--json", "--windows", "2", "--window-len", "64",
-                                      "--tasks", "sentiment", "--samples", "4", "--shots", "0"])
+                                      "--tasks", "sentiment", "--samples", "4", "--shots", "0", "--formats", "plain,chat"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[result.stdout.index("{"):])
     for key in ("perplexity", "reference_perplexity", "perplexity_ratio", "top1_agreement", "kl_divergence", "tasks"):
         assert key in data
+    assert set(data["tasks"]) == {"sentiment-0shot", "sentiment-0shot-chat"}
+    assert data["tasks"]["sentiment-0shot-chat"]["format"] == "chat"
     task = data["tasks"]["sentiment-0shot"]
-    assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "by_scoring"}
+    assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "format", "by_scoring"}
     conventions = ("sum", "per_token", "per_char", "per_byte")
     assert set(task["by_scoring"]) == {*conventions, *(f"{c}+calibrated" for c in conventions)}
     assert task["scoring"] == "per_token" and task["by_scoring"]["per_token"]["accuracy"] == task["accuracy"]
@@ -52,7 +54,8 @@ def test_task_splits_are_fixed_balanced_and_disjoint():
     assert not set(first.examples) & set(first.pool)
     topic = load_task("topic", 25, seed=0)
     assert set(topic.labels) == {"business", "entertainment", "politics", "sports", "tech"}
-    prompt = topic.prompt(topic.examples[0].text, shots=5)
+    prompt, before = topic.prompt(topic.examples[0].text, topic.labels, shots=5)
+    assert before == " "
     assert prompt.count("Topic (") == 6 and all(f"): {label}\n\n" in prompt for label in topic.labels)
 
 
@@ -121,3 +124,49 @@ def test_api_evaluate_measures_and_applies_the_gates(tiny_bundle, tmp_path):
         listed.check()
     with pytest.raises(ConfigError, match="max_perplexity_ratio"):  # checked before anything loads
         api.evaluate(tmp_path / "no-such-bundle", max_perplexity_ratio=0.5)
+
+
+def test_the_multiple_choice_and_yes_no_tasks_are_fixed_and_fair():
+    capitals = load_task("capitals", 40, seed=0)
+    assert capitals == load_task("capitals", 40, seed=0) and len(capitals.examples) == 40 and capitals.labels == ()
+    for question in (*capitals.examples, *capitals.pool):
+        assert len(set(question.options)) == 4 and question.label in question.options
+    assert {q.text for q in capitals.examples}.isdisjoint(q.text for q in capitals.pool)
+    assert any(" " in option for q in capitals.examples for option in q.options)  # multi-word answers
+    # the gold answer sits at each of the 4 positions: no option order to exploit
+    assert {q.options.index(q.label) for q in capitals.examples} == {0, 1, 2, 3}
+    france = next(q for q in load_task("capitals", 400, seed=0).examples if q.text == "France")
+    assert france.label == "Paris"
+    yesno = load_task("yesno", 40, seed=1)
+    assert sorted(e.label for e in yesno.examples) == ["no"] * 20 + ["yes"] * 20
+    prompt, before = yesno.prompt(yesno.examples[0].text, yesno.labels, shots=2)
+    assert prompt.count("Question: Is ") == 3 and prompt.endswith("?\nAnswer (yes or no):") and before == " "
+
+
+def test_the_classify_format_measures_what_classify_decides(tiny_bundle):
+    """eval's "classify" format scores exactly the prompt llm.classify(question, labels=options)
+    builds, so its accuracy is the fraction of classify() calls that pick the gold option."""
+    import edgelm_runtime
+    from edgelm.eval.tasks import task_accuracy
+    from edgelm_runtime.scoring import SCORINGS
+
+    llm = edgelm_runtime.load_bundle(tiny_bundle)
+    task = load_task("capitals", 12, seed=0)
+    encode = lambda text: llm.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    accuracy = task_accuracy(task, 0, encode, [llm.continuation_logprobs], llm.manifest.max_seq_len, "classify",
+                             llm.render_chat)[0]
+    for scoring in SCORINGS:
+        for calibrate in (False, True):
+            picks = [llm.classify(task.ask.format(text=q.text), labels=list(q.options), scoring=scoring,
+                                  calibrate=calibrate).label == q.label for q in task.examples]
+            key = scoring + ("+calibrated" if calibrate else "")
+            assert accuracy[key] == pytest.approx(sum(picks) / len(picks)), key
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--formats", "plain,cloze", "unknown prompt format 'cloze'"),
+                                                        ("--tasks", "boolq", "unknown task 'boolq'")])
+def test_an_unknown_format_or_task_is_one_clear_error(tiny_bundle, flag, value, message):
+    from tests.integration.test_cli import _assert_clean_error, _run
+
+    _assert_clean_error(_run("eval", str(tiny_bundle), "--windows", "1", "--window-len", "16", flag, value), message,
+                        "use one of:")

@@ -18,7 +18,7 @@ def _example():
 
 
 def test_training_split_excludes_the_held_out_sentences():
-    from edgelm.eval.tasks import sentiment_task
+    from edgelm.eval.task_data import sentiment_task
 
     task, train = _example().split(500, 0)
     held_out = sentiment_task(500, 0)

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 import edgelm_runtime as er
+from edgelm_runtime.errors import TemplateError
 from edgelm_runtime.prompts import PromptTemplate, _round_robin
 from edgelm_runtime.scoring import log_softmax
 
 
 def test_bundle_ships_the_default_templates(llm: er.LanguageModel) -> None:
-    assert {"sentiment", "topic", "yes-no", "extract-json", "summarize", "answer"} <= set(llm.templates)
+    assert {"sentiment", "topic", "yes-no", "multiple-choice", "extract-json", "summarize", "answer"} <= set(llm.templates)
+    assert llm.template("multiple-choice").chat and llm.template("multiple-choice").calibrate
     assert llm.manifest.prompt_templates_file == "templates/prompts.json"
     assert (llm.path / "templates" / "prompts.json").is_file()
 
@@ -82,3 +84,23 @@ def test_template_misuse_is_a_clear_error(llm: er.LanguageModel, call, message) 
 def test_bad_templates_are_rejected_when_made(fields, message) -> None:
     with pytest.raises(er.TemplateError, match=message):
         PromptTemplate(name="t", **fields)
+
+
+def test_classify_messages_put_each_example_in_its_own_turns() -> None:
+    template = PromptTemplate(name="t", kind="classify", instruction="Pick: {labels}.", query="Q: {text}")
+    messages = template.classify_messages("c", ["pos", "neg"], examples=[("a", "pos"), ("b", "neg")])
+    assert messages == [{"role": "user", "content": "Pick: pos, neg.\n\nQ: a"}, {"role": "assistant", "content": "pos"},
+                        {"role": "user", "content": "Q: b"}, {"role": "assistant", "content": "neg"},
+                        {"role": "user", "content": "Q: c"}]
+
+
+def test_a_template_declares_its_scoring_and_format_in_a_file_older_runtimes_still_read(tmp_path) -> None:
+    from edgelm_runtime.prompts import read_prompts, template_to_dict, write_prompts
+
+    plain = PromptTemplate(name="plain", kind="classify", query="{text}")
+    assert not {"scoring", "chat", "calibrate"} & set(template_to_dict(plain))  # format 1 as before
+    declared = PromptTemplate(name="mc", kind="classify", query="{text}", scoring="sum", chat=True, calibrate=True)
+    write_prompts(tmp_path / "prompts.json", {"plain": plain, "mc": declared})
+    assert read_prompts(tmp_path / "prompts.json") == {"plain": plain, "mc": declared}
+    with pytest.raises(TemplateError, match="scoring 'mean' is not a scoring convention"):
+        PromptTemplate(name="x", kind="classify", query="{text}", scoring="mean")

@@ -68,3 +68,54 @@ def test_an_unknown_scoring_convention_is_refused(llm):
         llm.score("a", [" b"], scoring="mean")
     with pytest.raises(GenerationError, match="use one of: sum, per_token, per_char, per_byte"):
         llm.classify("a", labels=["x", "y"], scoring="acc_norm")
+
+
+def _word_encoder():
+    """A toy tokenizer: each whitespace-led word is one token, and a lone space is its own token."""
+    import re
+
+    vocab: dict[str, int] = {}
+    return lambda text: [vocab.setdefault(piece, len(vocab)) for piece in re.findall(r"\s?\S+|\s+", text)]
+
+
+def test_the_prompt_continuation_boundary_is_split_as_lm_eval_splits_it():
+    from edgelm_runtime.scoring import split_continuations
+
+    encode = _word_encoder()
+    # whitespace ending the prompt moves onto the continuation: " yes" stays one token, as in "Q: yes"
+    context, tails = split_continuations(encode, "Q: ", ["yes", "no"])
+    assert context == encode("Q:") and tails == [encode("Q: yes")[1:], encode("Q: no")[1:]]
+    assert len(tails[0]) == 1
+    # a continuation that merges with the prompt's last token: scored from its own tokens
+    context, tails = split_continuations(encode, "Q:", ["x"])
+    assert context == encode("Q:") and tails == [encode("x")]
+    with pytest.raises(GenerationError, match="no continuations"):
+        split_continuations(encode, "Q:", [])
+
+
+def test_a_chat_classify_template_scores_each_label_as_the_reply(llm, monkeypatch):
+    from edgelm_runtime import model, prompts
+    from edgelm_runtime.scoring import split_continuations
+
+    chat = {"kind": "classify", "instruction": "Answer with one of: {labels}.", "query": "{text}", "chat": True,
+            "scoring": "sum"}
+    monkeypatch.setattr(model, "DEFAULT_CLASSIFY", chat)
+    labels = ["positive", "negative"]
+    got = llm.classify("a fine film", labels=labels)
+    messages = prompts.template_from_dict("classify", chat).classify_messages("a fine film", labels)
+    assert messages == [{"role": "user", "content": "Answer with one of: positive, negative.\n\na fine film"}]
+    prompt = llm.render_chat(messages)
+    context, tails = split_continuations(lambda t: llm.tokenizer.encode(t, add_special_tokens=False), prompt, labels)
+    by_hand = [float(lp.sum()) for lp in llm.continuation_logprobs(context, tails)]  # the template's scoring: sum
+    assert [got.scores[label] for label in labels] == pytest.approx(by_hand, abs=1e-6)
+    assert llm.classify("a fine film", labels=labels, scoring="per_token").scores != got.scores  # the caller's wins
+
+
+def test_a_template_that_declares_calibration_calibrates_unless_the_caller_says_no(llm, monkeypatch):
+    from edgelm_runtime import model
+
+    labels = ["positive", "negative"]
+    raw, calibrated = (llm.classify("a fine film", labels=labels, calibrate=c).scores for c in (False, True))
+    monkeypatch.setattr(model, "DEFAULT_CLASSIFY", {**model.DEFAULT_CLASSIFY, "calibrate": True})
+    assert llm.classify("a fine film", labels=labels).scores == calibrated != raw
+    assert llm.classify("a fine film", labels=labels, calibrate=False).scores == raw
