@@ -77,9 +77,9 @@ def run(app: Callable[[], Any]) -> None:
 
     CPython (3.11 here) marks a KeyboardInterrupt that passes out of exec() of a string as
     unhandled, even when an outer frame catches it, and under `python -m edgelm.cli` then kills
-    the interpreter with SIGINT at exit (status -2). dataclasses, typing and numpy call exec() while importing, so a Ctrl-C in the
-    first seconds of a build hit it about one time in three. The exit handlers run and the streams
-    are flushed first, as a normal exit would."""
+    the interpreter with SIGINT at exit (status -2). dataclasses, typing and numpy call exec()
+    while importing, so a Ctrl-C in the first seconds of a build hit it about one time in three.
+    The exit handlers run and the streams are flushed first, as a normal exit would."""
     try:
         app()
     except SystemExit as exc:
