@@ -63,13 +63,11 @@ class Task:
             return solved + self.query.format(text=text), " "
         from edgelm_runtime.prompts import DEFAULT_CLASSIFY, template_from_dict
 
-        if fmt == "classify":  # exactly what classify() builds (a chat template's reply has no leading space)
-            template = template_from_dict("classify", DEFAULT_CLASSIFY)
+        if fmt == "classify":  # exactly what classify() builds
             asked = text if content_free else self.ask.format(text=text)
             solved = [(self.ask.format(text=e.text), e.label) for e in demos]
-            if template.chat:
-                return _chat(render_chat, template.classify_messages(asked, list(options), solved)), ""
-            return template.classify_prompt(asked, list(options), solved), " "
+            return template_from_dict("classify", DEFAULT_CLASSIFY).classify_input(asked, list(options), solved,
+                                                                                   render_chat=render_chat)
         messages: Messages = []
         for e in demos:
             messages += [{"role": "user", "content": self.query.format(text=e.text)},

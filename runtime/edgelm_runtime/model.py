@@ -296,10 +296,9 @@ class LanguageModel:
                                   hint='pass labels=["positive", "negative"] or a template that has them')
 
         def scores(query: str) -> list[float]:
-            if chosen.chat:  # the chat template writes the special tokens; the reply starts the answer
-                prompt = self.render_chat(chosen.classify_messages(query, labels, examples, shots))
-                return self._score(prompt, labels, scoring, special_tokens=False)
-            return self.score(chosen.classify_prompt(query, labels, examples, shots), [" " + lb for lb in labels], scoring)
+            prompt, before = chosen.classify_input(query, labels, examples, shots, self.render_chat)
+            # a chat template writes the special tokens (bos, role markers) itself
+            return self._score(prompt, [before + label for label in labels], scoring, special_tokens=not chosen.chat)
 
         values = dict(zip(labels, scores(text)))
         if chosen.calibrate if calibrate is None else calibrate:

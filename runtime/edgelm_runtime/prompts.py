@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +79,8 @@ class PromptTemplate:
     def classify_prompt(self, text: str, labels: Sequence[str],
                         examples: Sequence[tuple[str, str]] | None = None, shots: int | None = None) -> str:
         """Instruction, few-shot examples, then the query for `text`, ending where a label goes."""
-        chosen = list(examples) if examples is not None else _round_robin(self.examples, labels, self.shots if shots is None else shots)
-        parts = [_fill(self.name, self.instruction, {"labels": ", ".join(labels)}, strict=False)] if self.instruction else []
-        parts += [_fill(self.name, self.query, {"text": t}) + " " + label for t, label in chosen]
+        parts = [self._instruction(labels)] if self.instruction else []
+        parts += [_fill(self.name, self.query, {"text": t}) + " " + label for t, label in self._demos(labels, examples, shots)]
         parts.append(_fill(self.name, self.query, {"text": text}))
         return self.separator.join(parts)
 
@@ -89,16 +88,35 @@ class PromptTemplate:
                           shots: int | None = None) -> list[dict[str, str]]:
         """The chat form of classify_prompt: each few-shot example a user turn (the instruction
         leads the first) answered by an assistant turn holding its label, then the query's turn."""
-        chosen = list(examples) if examples is not None else _round_robin(self.examples, labels, self.shots if shots is None else shots)
-        lead = _fill(self.name, self.instruction, {"labels": ", ".join(labels)}, strict=False) + self.separator \
-            if self.instruction else ""
+        lead = self._instruction(labels) + self.separator if self.instruction else ""
         messages = []
-        for t, label in [*chosen, (text, None)]:
+        for t, label in [*self._demos(labels, examples, shots), (text, None)]:
             messages.append({"role": "user", "content": lead + _fill(self.name, self.query, {"text": t})})
             lead = ""
             if label is not None:
                 messages.append({"role": "assistant", "content": label})
         return messages
+
+    def classify_input(self, text: str, labels: Sequence[str], examples: Sequence[tuple[str, str]] | None = None,
+                       shots: int | None = None, render_chat: Callable[[list[dict[str, str]]], str] | None = None,
+                       ) -> tuple[str, str]:
+        """(prompt, what goes before each label) as classify() scores them: classify_prompt and a
+        space, or for a chat template classify_messages rendered by `render_chat` and no space (the
+        label starts the reply)."""
+        if not self.chat:
+            return self.classify_prompt(text, labels, examples, shots), " "
+        if render_chat is None:
+            raise TemplateError(f"template {self.name!r} asks in a chat turn", hint="pass render_chat=llm.render_chat")
+        return render_chat(self.classify_messages(text, labels, examples, shots)), ""
+
+    def _demos(self, labels: Sequence[str], examples: Sequence[tuple[str, str]] | None,
+               shots: int | None) -> list[tuple[str, str]]:
+        if examples is not None:
+            return list(examples)
+        return _round_robin(self.examples, labels, self.shots if shots is None else shots)
+
+    def _instruction(self, labels: Sequence[str]) -> str:
+        return _fill(self.name, self.instruction, {"labels": ", ".join(labels)}, strict=False)
 
 
 @dataclass(frozen=True)
