@@ -110,6 +110,84 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> P
     return folder
 
 
+ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+_ENCODER_HEADS = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
+                  "token-classification": "AutoModelForTokenClassification"}
+
+
+def _train_wordpiece(family: str):
+    """A WordPiece (BERT, DistilBERT) or byte-level BPE (RoBERTa) tokenizer with the family's
+    special tokens and post-processor, trained on the calibration prompts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from edgelm.calibration import builtin_prompts
+
+    if family == "roberta":
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(builtin_prompts() * 4, trainer)
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=True)
+        return tokenizer, {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
+                           "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(builtin_prompts() * 4, trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tokenizer, {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                       "mask_token": "[MASK]"}
+
+
+def save_tiny_encoder(folder: Path, family: str = "bert", task: str = "feature-extraction", seed: int = 0,
+                      sentence_transformers: bool = False, **overrides) -> Path:
+    """A tiny random encoder of `family` (bert, roberta, distilbert; hidden 32, 2 layers) for
+    `task`, saved as safetensors with its tokenizer: sequence classification with labels
+    negative/positive, token classification with NER_LABELS. `sentence_transformers`: also write
+    modules.json and 1_Pooling/config.json (mean pooling) and a Normalize module, as
+    sentence-transformers saves a model."""
+    import json
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    backend, specials = _train_wordpiece(family)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **specials)
+    labels = {"sequence-classification": ("negative", "positive"), "token-classification": NER_LABELS}.get(task, ())
+    sizes = ({"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4} if family == "distilbert" else
+             {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
+    fields = {"vocab_size": backend.get_vocab_size(), "max_position_embeddings": 130 if family == "roberta" else 128,
+              "pad_token_id": backend.token_to_id(specials["pad_token"]), **sizes, **overrides}
+    if labels:
+        fields |= {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+    config = AutoConfig.for_model(family, **fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, _ENCODER_HEADS[task]).from_config(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if sentence_transformers:
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": model.config.hidden_size if family != "distilbert" else model.config.dim,
+             "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def family_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")

@@ -20,8 +20,9 @@ from typing import Any
 from edgelm_runtime.errors import BundleError
 from edgelm_runtime.external_data import external_locations
 
-# 4: `provider_options`; 3: `static` (fixed-shape NPU graphs) and `pruning`; 2: top-level `plan` and `adapters`
-FORMAT_VERSION = 4
+# 5: `encoder` (encoder bundles; `kv` null); 4: `provider_options`; 3: `static` (fixed-shape NPU graphs)
+# and `pruning`; 2: top-level `plan` and `adapters`
+FORMAT_VERSION = 5
 
 # The bundle's files, as the compiler writes them (the manifest names each, so the runtime reads
 # whatever it lists; these are the names edgelm gives them).
@@ -109,6 +110,53 @@ class StaticLayout:
     mask_value: float = -100.0  # exp(-100) is 0 in fp32, and a small range keeps 16-bit scores fine
 
 
+ENCODER_TASKS = ("feature-extraction", "sequence-classification", "token-classification")
+POOLINGS = ("mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """An encoder bundle (BERT family): one graph, int64 inputs of shape (batch, seq) named in
+    `inputs` (input_ids, attention_mask and, where the model has them, token_type_ids), and one
+    float32 output `output`:
+      feature-extraction      last_hidden_state (batch, seq, hidden_size); the runtime pools it
+                              (`pooling` over the attention mask) and L2-normalises when `normalize`
+      sequence-classification logits (batch, len(labels)); softmax, or a sigmoid per label when
+                              `multi_label`
+      token-classification    logits (batch, seq, len(labels)); `labels` in IOB2 (B-PER, I-PER, O)
+    `labels` are the checkpoint's id2label in id order. `max_length` (tokens, special ones
+    included) is the longest input the graph takes; `static_seq_len` fixes the sequence axis
+    (NPU bundles): every input is padded to it."""
+
+    task: str
+    inputs: tuple[str, ...]
+    output: str
+    hidden_size: int
+    max_length: int
+    pad_token_id: int = 0
+    pooling: str | None = None
+    normalize: bool = False
+    labels: tuple[str, ...] = ()
+    multi_label: bool = False
+    static_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("inputs", "labels"):  # JSON lists, kept as tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.task not in ENCODER_TASKS:
+            raise ValueError(f"encoder.task: {self.task!r} is not one of {', '.join(ENCODER_TASKS)}")
+        if "input_ids" not in self.inputs or "attention_mask" not in self.inputs \
+                or not set(self.inputs) <= {"input_ids", "attention_mask", "token_type_ids"}:
+            raise ValueError(f"encoder.inputs: {list(self.inputs)} must be input_ids, attention_mask and "
+                             "optionally token_type_ids")
+        if self.task == "feature-extraction" and self.pooling not in POOLINGS:
+            raise ValueError(f"encoder.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.task != "feature-extraction" and not self.labels:
+            raise ValueError(f"encoder.labels: a {self.task} bundle needs its labels")
+        if self.static_seq_len is not None and not 1 <= self.static_seq_len <= self.max_length:
+            raise ValueError(f"encoder.static_seq_len: {self.static_seq_len} must be between 1 and max_length")
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     max_new_tokens: int = 256
@@ -133,7 +181,7 @@ class Manifest:
     provider: str
     model_file: str
     tokenizer_file: str
-    kv: KVLayout
+    kv: KVLayout | None  # None: an encoder bundle (`encoder` says what its graph computes)
     max_seq_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
@@ -155,11 +203,17 @@ class Manifest:
     # fused ops in the graph after the fuse stage (op type -> count), checked against the profile
     fusions: dict[str, int] = field(default_factory=dict)
     static: StaticLayout | None = None  # fixed-shape prefill + decode graphs (NPU profiles)
+    encoder: EncoderLayout | None = None  # encoder bundles (embeddings, classification, NER)
     # what pruning removed: {kind, params_before, params_after, perplexity_before, ...} ({}: not pruned)
     pruning: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def task(self) -> str:
+        """text-generation for decoder bundles, else the encoder's task."""
+        return "text-generation" if self.encoder is None else self.encoder.task
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,7 +232,13 @@ class Manifest:
                 hint=_UPGRADE_HINT)
         try:
             fields = dict(data)
-            fields["kv"] = _build(KVLayout, fields["kv"], "kv")
+            if (fields["kv"] is None) == (fields.get("encoder") is None):
+                raise ValueError("kv and encoder: a bundle has exactly one of them (a decoder's KV layout, "
+                                 "or an encoder's layout)")
+            if fields["kv"] is not None:
+                fields["kv"] = _build(KVLayout, fields["kv"], "kv")
+            else:
+                fields["encoder"] = _build(EncoderLayout, fields["encoder"], "encoder")
             fields["io"] = _build(ModelIO, fields.get("io", {}), "io")
             fields["generation"] = _build(GenerationDefaults, fields.get("generation", {}), "generation")
             if fields.get("static") is not None:
@@ -225,6 +285,7 @@ def _build(kind: type, values: Any, where: str) -> Any:
 
 # integer fields that size arrays: out of range, they fail later inside numpy or onnxruntime
 _SIZES = {"KVLayout": {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096},
+          "EncoderLayout": {"hidden_size": 1 << 16, "max_length": 1 << 16},
           "StaticLayout": {"prefill_len": 1 << 16, "kv_window": 1 << 22},
           "Manifest": {"max_seq_len": 1 << 22, "vocab_size": 1 << 22}}
 
