@@ -104,6 +104,8 @@ FROM_BUNDLE = typer.Option(None, "--from-bundle",
 CALIBRATION = typer.Option(None, "--calibration", help="Calibration .txt (a sample per line) or .jsonl.")
 SAMPLES = typer.Option(None, "--calibration-samples", help="Number of calibration samples.")
 MAX_SEQ_LEN = typer.Option(None, "--max-seq-len", help="Context length of the bundle.")
+TASK = typer.Option(None, "--task", help="text-generation, or an encoder's feature-extraction, sequence-classification "
+                    "or token-classification (default: read from the checkpoint).")
 BUDGET = typer.Option(None, "--accuracy-budget",
                       help="Max perplexity ratio vs fp32; keeps the fewest MatMuls in fp32 that meet it.")
 TEMPLATES = typer.Option(None, "--templates", help="Prompt templates .yaml (added to the defaults by name).")

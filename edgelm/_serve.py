@@ -1,6 +1,8 @@
-"""`edgelm serve`: check the options, load the bundle, run edgelm_runtime's server.
+"""`edgelm serve`: check the options, load the bundle(s), run edgelm_runtime's server.
 
-Torch-free (edgelm_runtime only), like the command itself."""
+Torch-free (edgelm_runtime only), like the command itself. A decoder bundle serves chat and
+completions, an encoder bundle its task's endpoint; `--embeddings` adds an embedding bundle's
+/v1/embeddings beside the first."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from typing import Any
 
 
 def start_server(bundle: Path, host: str, port: int, queue: int, threads: int | None, provider: str | None,
-                 api_key: str | None, console: Any) -> None:
+                 api_key: str | None, console: Any, embeddings: Path | None = None) -> None:
     import edgelm_runtime as er
 
     try:
-        from edgelm_runtime.server import serve
+        from edgelm_runtime.encoder_server import check_embeddings
+        from edgelm_runtime.server import endpoints, serve
     except ImportError:
         raise er.GenerationError("edgelm serve needs starlette and uvicorn",
                                  hint="pip install 'edgelm-runtime[server]'") from None
@@ -25,6 +28,11 @@ def start_server(bundle: Path, host: str, port: int, queue: int, threads: int | 
     if api_key is not None and not api_key.strip():  # "" must not mean "no authentication"
         raise er.GenerationError("--api-key (or EDGELM_API_KEY) is empty: that would serve without authentication",
                                  hint="pass a non-empty key, or unset both to serve without one on 127.0.0.1")
-    llm = er.load_bundle(bundle, threads=threads, provider=provider)
-    console.print(f"serving {llm.manifest.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    serve(llm, host, port, queue, api_key)
+    model = er.load_bundle(bundle, threads=threads, provider=provider)
+    extra = None
+    if embeddings is not None:
+        extra = check_embeddings(model, er.load_bundle(embeddings, threads=threads, provider=provider))
+    served = [model] if extra is None else [model, extra]
+    what = " and ".join(f"{m.manifest.name} ({', '.join(endpoints(m))})" for m in served)
+    console.print(f"serving {what} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    serve(model, host, port, queue, api_key, embeddings=extra)

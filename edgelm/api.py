@@ -30,6 +30,10 @@ from edgelm.stages.check.quality import CheckQuality
 from edgelm.stages.compress.awq import ActivationAwareScales
 from edgelm.stages.compress.prune import Prune
 from edgelm.stages.compress.sensitivity import MeasureSensitivity
+from edgelm.stages.encoder.export import ExportEncoder, FuseEncoder
+from edgelm.stages.encoder.load import EncoderPreflight, LoadEncoder, checkpoint_task
+from edgelm.stages.encoder.package import PackageEncoder, QuantizeEncoder
+from edgelm.stages.encoder.quality import CheckEncoderQuality
 from edgelm.stages.compress.smooth import Smooth
 from edgelm.stages.export.decoder import ExportOnnx
 from edgelm.stages.export.static import ExportStatic
@@ -55,6 +59,24 @@ PHASES = (
     ("package", (Package(), CheckQuality(), WriteManifest())),  # files, their proven quality, the manifest once
 )
 PIPELINE = tuple(stage for _, stages in PHASES for stage in stages)
+
+# Encoder builds (BERT family: --task feature-extraction | sequence-classification | token-classification):
+# the same phases, with the encoder's own load, export, quantization and quality stages.
+ENCODER_PHASES = (
+    ("preflight", (EncoderPreflight(),)),          # task, head, labels and pooling read from the checkpoint
+    ("load", (LoadEncoder(),)),                      # fp32 weights (safetensors) with the task's head
+    ("adapt", (MergeAdapters(),)),                   # LoRA (and modules_to_save heads) merged, verified
+    ("export", (ExportEncoder(),)),                  # dynamic batch and sequence, MultiHeadAttention, parity
+    ("optimize", (FuseEncoder(),)),                  # onnxruntime's encoder fusions, parity re-checked
+    ("quantize", (QuantizeEncoder(),)),              # the profile's encoder scheme (edgelm/quant/encoder.py)
+    ("package", (PackageEncoder(), CheckEncoderQuality(), WriteManifest())),
+)
+ENCODER_PIPELINE = tuple(stage for _, stages in ENCODER_PHASES for stage in stages)
+
+
+def pipeline_for(plan: BuildPlan) -> tuple[Any, ...]:
+    """The stages that build `plan`: the decoder pipeline, or the encoder one for an encoder task."""
+    return PIPELINE if checkpoint_task(plan.model, plan.task, plan.adapters) == "text-generation" else ENCODER_PIPELINE
 
 
 @dataclass(frozen=True)
@@ -158,7 +180,7 @@ def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Pr
     try:
         with Workspace(Path(output), force=force) as workspace:
             state = BuildState(plan=plan, work_dir=workspace.work_dir, bundle_dir=workspace.bundle_dir)
-            run_stages(PIPELINE, state, progress)
+            run_stages(pipeline_for(plan), state, progress)
             published = workspace.publish()
     except OSError as exc:  # creating the temporary folder, the manifest, the final rename
         raise (write_error(exc, str(output)) or exc) from exc

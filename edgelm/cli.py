@@ -57,7 +57,7 @@ def build(
     calibration: Optional[str] = o.CALIBRATION, samples: Optional[int] = o.SAMPLES, max_seq_len: Optional[int] = o.MAX_SEQ_LEN,
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
     accuracy_budget: Optional[float] = o.BUDGET, templates: Optional[Path] = o.TEMPLATES, prune_mlp: Optional[float] = o.PRUNE,
-    force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
+    task: Optional[str] = o.TASK, force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
 ) -> None:
     """Build a bundle: load -> merge adapters -> prune -> export -> fuse -> quantize -> package -> quality check."""
     from edgelm import api
@@ -66,12 +66,12 @@ def build(
     quiet_libraries()
     plan = _plan(profile, recipe, model, name or (None if from_bundle else output.name), from_bundle, adapter,
                  accuracy_budget, calibration_source=calibration, samples=samples, max_seq_len=max_seq_len,
-                 templates=templates, prune_mlp=prune_mlp)
+                 templates=templates, prune_mlp=prune_mlp, task=task)
     for warning in api.host_warnings(plan):
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     # SIGTERM unwinds like Ctrl-C, so the temporary build folder is removed and nothing is published.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with BuildProgress(console, api.PIPELINE) as progress:
+    with BuildProgress(console, api.pipeline_for(plan)) as progress:
         report = api.build(plan, output, force=force, progress=progress.update)
     console.print(build_summary(report))
     console.print(f"bundle written to [bold]{report.output}[/]")
@@ -84,10 +84,11 @@ def plan(
     recipe: Optional[Path] = o.RECIPE, from_bundle: Optional[Path] = o.FROM_BUNDLE,
     calibration: Optional[str] = o.CALIBRATION, samples: Optional[int] = o.SAMPLES, max_seq_len: Optional[int] = o.MAX_SEQ_LEN,
     accuracy_budget: Optional[float] = o.BUDGET, templates: Optional[Path] = o.TEMPLATES, prune_mlp: Optional[float] = o.PRUNE,
+    task: Optional[str] = o.TASK,
 ) -> None:
     """Print the fully resolved build plan (every default explicit) without building."""
     resolved = _plan(profile, recipe, model, None, from_bundle, adapter, accuracy_budget, calibration_source=calibration,
-                     samples=samples, max_seq_len=max_seq_len, templates=templates, prune_mlp=prune_mlp)
+                     samples=samples, max_seq_len=max_seq_len, templates=templates, prune_mlp=prune_mlp, task=task)
     console.print_json(json.dumps(resolved.summary()))
 
 
@@ -280,11 +281,13 @@ def serve(
     threads: Optional[int] = o.THREADS, provider: Optional[str] = o.PROVIDER,
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELM_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELM_API_KEY)."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Also serve /v1/embeddings from this bundle."),
 ) -> None:
-    """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions and /v1/completions (a decoder
+    bundle) or its task's /v1/embeddings, /v1/classify or /v1/tag (an encoder bundle); /v1/models, /health."""
     from edgelm._serve import start_server
 
-    start_server(bundle, host, port, queue, threads, provider, api_key, console)
+    start_server(bundle, host, port, queue, threads, provider, api_key, console, embeddings)
 
 
 def main() -> None:

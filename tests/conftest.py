@@ -456,3 +456,14 @@ def run_until(plan, tmp_path: Path, last: str):
     (tmp_path / "bundle").mkdir(parents=True, exist_ok=True)
     state = BuildState(plan=plan, work_dir=tmp_path / "work", bundle_dir=tmp_path / "bundle")
     return run_stages(stages, state, no_progress)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BERT encoder bundles, one per task (feature-extraction: mean pooling, normalised);
+    the PyTorch model each was built from is tests.encoder_bundles.source_dir(bundle.parent, "bert", task)."""
+    from edgelm_runtime.bundle import ENCODER_TASKS
+    from tests.encoder_bundles import encoder_bundle
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {task: encoder_bundle(root, "bert", task) for task in ENCODER_TASKS}

@@ -1,11 +1,13 @@
-"""Model families behind one interface (base.DecoderArch). Stages ask `for_model(model)` or
-`for_config(config)`; no module outside this package names a family's module paths."""
+"""Model families behind one interface each: decoders behind base.DecoderArch, encoders behind
+encoder.EncoderArch. Stages ask `for_model(model)` / `for_config(config)` (decoders) or
+`encoder_for_config(config)`; no module outside this package names a family's module paths."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from edgelm.arch import gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3
+from edgelm.arch import bert, distilbert, gemma3, llama, mistral, phi3, qwen2, qwen3, roberta, smollm3
+from edgelm.arch.encoder import EncoderArch
 from edgelm.arch.base import DecoderArch, InputGroup, LayerAttention, LayerNorms, NormFold, RoleWeight, shrink_linear
 from edgelm.errors import ModelLoadError
 
@@ -18,8 +20,14 @@ ARCHS: dict[str, DecoderArch] = {
     "phi3": phi3.ARCH,
     "smollm3": smollm3.ARCH,
 }
+ENCODER_ARCHS: dict[str, EncoderArch] = {
+    "bert": bert.ARCH,
+    "roberta": roberta.ARCH,
+    "xlm-roberta": roberta.ARCH,
+    "distilbert": distilbert.ARCH,
+}
 
-__all__ = ["ARCHS", "DecoderArch", "InputGroup", "LayerAttention", "LayerNorms", "NormFold", "RoleWeight",
+__all__ = ["ARCHS", "ENCODER_ARCHS", "DecoderArch", "EncoderArch", "encoder_for_config", "InputGroup", "LayerAttention", "LayerNorms", "NormFold", "RoleWeight",
            "for_config", "for_model", "shrink_linear"]
 
 
@@ -36,3 +44,12 @@ def for_config(config: Any, where: str = "model") -> DecoderArch:
 
 def for_model(model: Any) -> DecoderArch:
     return for_config(model.config)
+
+
+def encoder_for_config(config: Any, where: str = "model") -> EncoderArch:
+    model_type = getattr(config, "model_type", None)
+    arch = ENCODER_ARCHS.get(model_type)
+    if arch is None:
+        raise ModelLoadError(f"{where}: encoder architecture {model_type!r} is not supported",
+                             hint=f"supported encoder model types: {', '.join(ENCODER_ARCHS)}")
+    return arch

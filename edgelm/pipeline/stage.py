@@ -41,6 +41,7 @@ class BuildState:
     reference_bundle: Path | None = None
     graph_io: Any = None                 # edgelm_runtime ModelIO of the exported graph (ExportOnnx)
     static_graphs: Any = None            # StaticGraphs: fixed-shape prefill + decode graphs (ExportStatic)
+    encoder: Any = None                  # EncoderInputs: an encoder build's task, labels, pooling (EncoderPreflight)
     results: dict[str, StageResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 

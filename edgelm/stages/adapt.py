@@ -252,4 +252,7 @@ def _logits(model: Any, probe: list[list[int]]) -> list[Any]:
     import torch
 
     with torch.no_grad():
-        return [model(torch.tensor([ids])).logits[0].float() for ids in probe]
+        outputs = [model(torch.tensor([ids])) for ids in probe]
+    # a bare encoder (feature-extraction) has no logits: its token vectors are what the adapter changes
+    return [(out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state)[0].float()
+            for out in outputs]

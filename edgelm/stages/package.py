@@ -193,7 +193,10 @@ class WriteManifest:
     title = "Write manifest.json (plan, provenance, quality, sha256 of every file)"
 
     def run(self, state: BuildState, progress: Progress) -> ManifestResult:
-        package, quality, adapters = state.result(PackageResult), state.result(QualityResult), state.result(AdaptersResult)
+        from edgelm.pipeline.encoder_results import EncoderQualityResult
+
+        package, adapters = state.result(PackageResult), state.result(AdaptersResult)
+        quality = state.result(QualityResult) or state.result(EncoderQualityResult)
         fuse = state.result(FuseResult)
         provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
                       "stages": {name: {"seconds": state.seconds.get(name), **record}
@@ -201,7 +204,7 @@ class WriteManifest:
         manifest = dataclasses.replace(
             package.manifest, quality=quality.record() if quality else {}, plan=state.plan.summary(),
             adapters=list(adapters.merged) if adapters else [],
-            pruning=pruning_record(state.result(PruneResult), package, quality),
+            pruning=pruning_record(state.result(PruneResult), package, state.result(QualityResult)),
             fusions=dict(fuse.fused) if fuse else {}, provenance=provenance)
         write_manifest(state.bundle_dir, manifest)
         return ManifestResult(files=len(manifest.files), format_version=manifest.format_version, manifest=manifest)

@@ -27,3 +27,7 @@ class GenerationError(EdgelmRuntimeError):
 
 class TemplateError(EdgelmRuntimeError):
     """A chat or prompt template failed to render (or tried to leave the sandbox)."""
+
+
+class InputError(GenerationError):
+    """The texts given to an encoder cannot be used: an empty list, a non-string item, batch_size < 1."""

@@ -1,4 +1,5 @@
-"""load_bundle() and LanguageModel: what apps call to generate text from a bundle.
+"""load_bundle() and LanguageModel: what apps call to generate text from a bundle (an encoder
+bundle opens as an EncoderModel, edgelm_runtime.encoder).
 
 LanguageModel joins the pieces (decoder session, tokenizer, chat template, sampler, stop
 strings) and checks each request up front, so a bad request fails when it is made, not at the
@@ -11,11 +12,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from edgelm_runtime.bundle import MANIFEST_FILE, Manifest, resolve_inside, verify_bundle
+from edgelm_runtime.encoder import EncoderModel, open_encoder, wrong_task
 from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
@@ -31,8 +33,10 @@ Messages = list[dict[str, Any]]
 
 
 def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None,
-                provider: str | None = None, manifest: Manifest | None = None) -> LanguageModel:
-    """Open a bundle folder. File sizes are always checked; verify=True also checks every sha256.
+                provider: str | None = None, manifest: Manifest | None = None) -> LanguageModel | EncoderModel:
+    """Open a bundle folder: a LanguageModel for a text-generation bundle, an EncoderModel for an
+    encoder bundle (manifest `encoder`: embed(), classify() or tag(), as its task says).
+    File sizes are always checked; verify=True also checks every sha256.
     `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default);
     `provider` the manifest's execution provider (e.g. run a GPU bundle on the CPU to check it).
     `manifest`: open the folder with this manifest instead of its manifest.json (edgelm build
@@ -43,6 +47,8 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     if tokenizer.vocab_size > manifest.vocab_size:
         raise BundleError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                           f"{manifest.vocab_size}", hint="the tokenizer belongs to another model; rebuild the bundle")
+    if manifest.encoder is not None:  # before the decoder's chat template, prompts and sampling defaults
+        return open_encoder(folder, manifest, tokenizer, threads, provider)
     if manifest.chat_template_file is None:
         logger.info("%s has no chat template; chat uses the built-in ChatML template", folder)
         template = ChatTemplate.fallback(manifest.bos_token, manifest.eos_token)
@@ -304,6 +310,12 @@ class LanguageModel:
         if chosen.calibrate if calibrate is None else calibrate:
             values = {label: values[label] - bias for label, bias in zip(labels, scores(CONTENT_FREE))}
         return Classification(label=max(labels, key=values.__getitem__), scores=values)
+
+    def embed(self, *_: object, **__: object) -> NoReturn:
+        raise wrong_task(self._path, "text-generation", "embed()", "feature-extraction")
+
+    def tag(self, *_: object, **__: object) -> NoReturn:
+        raise wrong_task(self._path, "text-generation", "tag()", "token-classification")
 
     def _record_stats(self, stats: GenerationStats) -> None:
         self.last_stats = stats

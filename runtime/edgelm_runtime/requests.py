@@ -1,5 +1,8 @@
 """Request bodies of `edgelm serve`, checked field by field before any work is done.
 
+The chat and completion bodies are checked here; the field, model and text checks are shared with
+the encoder endpoints (encoder_server.py).
+
 `prepare` runs in a worker thread: parsing, rendering, tokenizing and trimming are CPU work that
 must not stall the event loop. Every field's type is checked (nothing is coerced: `"stream": "no"`
 is a 400, not a stream) and every refusal names its field in an OpenAI-style error body, one line,
@@ -66,7 +69,7 @@ _OFF = {  # accepted only at the value that asks for nothing: honouring none of 
     "logit_bias": _off("{}", lambda v: v == {}),
     "logprobs": _off("false", lambda v: v is False or _int_is(v, 0)),
     "top_logprobs": _off("0", lambda v: _int_is(v, 0)),
-    "user": _off("a string", lambda v: isinstance(v, str) and _valid_unicode(v)),
+    "user": _off("a string", lambda v: isinstance(v, str) and valid_unicode(v)),
     "response_format": _off('{"type": "text"}', lambda v: v == {"type": "text"}),
     "tools": _off("[]", lambda v: v == []),
     "tool_choice": _off('"none" or "auto"', lambda v: v in ("none", "auto")),
@@ -90,18 +93,8 @@ def bad(message: str, param: str | None = None) -> RequestError:
 def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None = None) -> Prepared:
     """Parse and check a request body, then render, tokenize and trim its prompt (RequestError if bad)."""
     body = parse_body(raw)
-    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    for name, value in body.items():
-        if name not in allowed:
-            raise bad(f"unknown field {_show(name)} (this server does not support it)", _param(name))
-        if name in _OFF and not _OFF[name][1](value):
-            raise bad(f"{name} is not supported here: send {_OFF[name][0]} or leave it out", name)
-    model = body.get("model")
-    if model is not None:
-        _text(model, "model")
-        if model != llm.manifest.name:
-            raise RequestError(404, f"model {_show(model)} is not served here; this server serves "
-                                    f"{llm.manifest.name!r}", "model", code="model_not_found")
+    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    check_model(body, llm.manifest.name)
     stream = _flag(body.get("stream"), "stream")
     include_usage = _stream_options(body.get("stream_options"), stream)
     max_tokens = _max_tokens(body)
@@ -119,7 +112,7 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise bad("prompt must be a non-empty string (lists of prompts or of token ids are not supported)", "prompt")
-        _unicode(prompt, "prompt")
+        check_unicode(prompt, "prompt")
     try:
         if not chat:
             ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
@@ -127,6 +120,25 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
     except EdgelmRuntimeError as exc:
         raise bad(public(exc.message, llm.path), "messages" if chat else "prompt") from None
     return Prepared(ids, max_tokens, sampling, stop, stream, include_usage)
+
+
+def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    """Unknown fields are a 400, and so are fields this server cannot honour unless at their off value."""
+    for name, value in body.items():
+        if name not in allowed:
+            raise bad(f"unknown field {show(name)} (this server does not support it)", _param(name))
+        if name in _OFF and not _OFF[name][1](value):
+            raise bad(f"{name} is not supported here: send {_OFF[name][0]} or leave it out", name)
+
+
+def check_model(body: dict[str, Any], served: str) -> None:
+    """`model` may be left out; any other name than the served bundle's is a 404."""
+    model = body.get("model")
+    if model is not None:
+        check_text(model, "model")
+        if model != served:
+            raise RequestError(404, f"model {show(model)} is not served here; this endpoint serves {served!r}",
+                               "model", code="model_not_found")
 
 
 def prepare_timeout() -> RequestError:
@@ -166,17 +178,17 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             raise bad(f"{where} must be an object with a role and a content", where)
         for key, value in message.items():
             if key not in _MESSAGE_FIELDS and value not in (None, [], {}):
-                raise bad(f"{where}.{_show(key)} is not supported here", _param(f"{where}.{key}"))
+                raise bad(f"{where}.{show(key)} is not supported here", _param(f"{where}.{key}"))
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
             raise bad(f"{where}.role must be a non-empty string", f"{where}.role")
         if not isinstance(content, str):
             raise bad(f"{where}.content must be a string (content parts are not supported)", f"{where}.content")
-        _unicode(role, f"{where}.role")
-        _unicode(content, f"{where}.content")
+        check_unicode(role, f"{where}.role")
+        check_unicode(content, f"{where}.content")
         kept = {"role": role, "content": content}
         if message.get("name") is not None:
-            kept["name"] = _text(message["name"], f"{where}.name")
+            kept["name"] = check_text(message["name"], f"{where}.name")
         clean.append(kept)
     return clean
 
@@ -184,7 +196,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 def _max_tokens(body: dict[str, Any]) -> int | None:
     values = {name: body.get(name) for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None}
     for name, value in values.items():
-        if not _whole(value) or value < 1:
+        if not is_whole(value) or value < 1:
             raise bad(f"{name} must be a whole number >= 1", name)
     if len(set(values.values())) > 1:
         raise bad("max_tokens and max_completion_tokens differ; send one of them", "max_tokens")
@@ -202,7 +214,7 @@ def _stop(stop: Any) -> list[str] | None:
     for text in stops:
         if len(text) > MAX_STOP_CHARS:
             raise bad(f"a stop string is {len(text)} characters long; at most {MAX_STOP_CHARS} are allowed", "stop")
-        _unicode(text, "stop")
+        check_unicode(text, "stop")
     return stops or None
 
 
@@ -216,7 +228,7 @@ def _sampling(body: dict[str, Any], llm: LanguageModel) -> SamplingParams:
         numbers[name] = value
     for name, top in (("top_k", None), ("seed", MAX_SEED)):
         value = body.get(name)
-        if value is not None and not (_whole(value) and value >= 0 and (top is None or value < top)):
+        if value is not None and not (is_whole(value) and value >= 0 and (top is None or value < top)):
             raise bad(f"{name} must be a whole number >= 0" + (" and < 2**64" if top else ""), name)
         numbers[name] = value
     try:
@@ -242,14 +254,14 @@ def _flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def _text(value: Any, name: str) -> str:
+def check_text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise bad(f"{name} must be a string", name)
-    _unicode(value, name)
+    check_unicode(value, name)
     return value
 
 
-def _whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -257,7 +269,7 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _valid_unicode(text: str) -> bool:
+def valid_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -265,7 +277,7 @@ def _valid_unicode(text: str) -> bool:
     return True
 
 
-def _unicode(text: str, name: str) -> None:
+def check_unicode(text: str, name: str) -> None:
     """JSON may carry lone surrogates ("\\ud800"), which no tokenizer (or UTF-8) can take."""
     try:
         text.encode("utf-8")
@@ -273,7 +285,7 @@ def _unicode(text: str, name: str) -> None:
         raise bad(f"{name} is not valid Unicode (a lone surrogate at character {exc.start})", name) from None
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = ascii(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -282,11 +294,13 @@ def _param(name: str) -> str:
     return ascii(name)[1:-1][:64]
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:\\|/)(?:[^\s/\\'\"():,]+[/\\])*[^\s/\\'\"():,]+")
+# a path of this machine, not one of the server's own endpoints (/v1/embeddings)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:\\|/(?!v1/))(?:[^\s/\\'\"():,]+[/\\])*[^\s/\\'\"():,]+")
 
 
-def public(message: str, folder: Path) -> str:
-    """A message fit for a client: the bundle folder's own paths made relative, any other path cut."""
-    for prefix in sorted({str(folder.resolve()), os.path.abspath(folder), str(folder)}, key=len, reverse=True):
-        message = message.replace(prefix + os.sep, "").replace(prefix, folder.name)
+def public(message: str, *folders: Path) -> str:
+    """A message fit for a client: the bundle folders' own paths made relative, any other path cut."""
+    for folder in folders:
+        for prefix in sorted({str(folder.resolve()), os.path.abspath(folder), str(folder)}, key=len, reverse=True):
+            message = message.replace(prefix + os.sep, "").replace(prefix, folder.name)
     return _ABSOLUTE_PATH.sub("<path>", message)

@@ -1,9 +1,11 @@
-"""An OpenAI-compatible local server for one bundle (`edgelm serve`), on starlette + uvicorn.
+"""An OpenAI-compatible local server for a bundle (`edgelm serve`), on starlette + uvicorn.
 
-POST /v1/chat/completions, POST /v1/completions (both with SSE streaming), GET /v1/models,
-GET /health. One generation runs at a time (the model is not thread-safe and two would only
-share the same cores); up to `queue_limit` more wait, beyond that 429. A client that disconnects
-(streaming or not, queued or generating) stops its generation at the next token.
+A decoder bundle serves POST /v1/chat/completions and /v1/completions (both with SSE streaming),
+an encoder bundle its task's endpoint (encoder_server.py: /v1/embeddings, /v1/classify, /v1/tag),
+and an embedding bundle may add /v1/embeddings beside another; always GET /v1/models, GET /health.
+Any other known endpoint is a 404 naming what this server serves. One model run at a time (a model
+is not thread-safe and two would only share the same cores); up to `queue_limit` more wait, beyond
+that 429. A client that disconnects (queued or running) stops its run at the next token or batch.
 
 The event loop only moves bytes: parsing, checking, rendering, tokenizing and trimming a request
 run in a small thread pool under a deadline (503 past it), so no request can stall /health or the
@@ -24,9 +26,10 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
@@ -35,13 +38,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from edgelm_runtime.encoder import EncoderModel
+from edgelm_runtime.encoder_server import ENCODER_ENDPOINTS, check_embeddings, encoder_handlers
 from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.model import LanguageModel
 from edgelm_runtime.requests import Prepared, RequestError, prepare, prepare_timeout, public
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
+DECODER_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+Served = LanguageModel | EncoderModel
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,8 @@ def check_api_key(api_key: str | None) -> None:
 
 
 class Gate:
-    """One generation at a time, at most `queue_limit` waiting. Released by the generation's
-    worker finishing (not by the request), so a client that goes away cannot leak the model."""
+    """One model run at a time, at most `queue_limit` waiting. Released by the run's worker
+    finishing (not by the request), so a client that goes away cannot leak the model."""
 
     def __init__(self, queue_limit: int) -> None:
         self._lock = asyncio.Lock()
@@ -85,6 +93,108 @@ class Gate:
 
     def release(self) -> None:
         self._lock.release()
+
+
+class Http:
+    """What every endpoint shares: the API key check, bounded body reads, the prepare pool under its
+    deadline, the gate, and error bodies without a path of this machine (`folders`: the bundles)."""
+
+    def __init__(self, limits: Limits, api_key: str | None, gate: Gate, folders: Sequence[Path]) -> None:
+        self.limits, self.gate, self._api_key, self._folders = limits, gate, api_key, tuple(folders)
+        self._uploads = 0
+        self._preparing = ThreadPoolExecutor(limits.prepare_threads, thread_name_prefix="edgelm-prepare")
+
+    def authorize(self, request: Request) -> None:
+        """With an API key, every /v1 request needs `Authorization: Bearer KEY` (constant-time check)."""
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._api_key.encode())):
+            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestError(413, f"request body over {limit} bytes")
+        if self._uploads >= self.limits.max_uploads:
+            raise RequestError(503, f"the server is already reading {self.limits.max_uploads} request bodies; "
+                                    "retry later", kind="server_error", code="overloaded")
+        self._uploads += 1
+        try:
+            return await asyncio.wait_for(self._read(request), self.limits.body_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.limits.body_seconds:g} s",
+                               code="timeout") from None
+        finally:
+            self._uploads -= 1
+
+    async def _read(self, request: Request) -> bytes:
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.limits.max_body_bytes:
+                raise RequestError(413, f"request body over {self.limits.max_body_bytes} bytes")
+        return bytes(raw)
+
+    async def prepare(self, request: Request, work: Callable[[float], T]) -> T:
+        """`work(deadline)` in the prepare pool; past the deadline a 503 (the work stops itself at it,
+        the wait gives it a moment to say so)."""
+        deadline = time.monotonic() + self.limits.prepare_seconds
+        job = asyncio.wrap_future(self._preparing.submit(work, deadline))
+        try:
+            return await until_gone(request, asyncio.wait_for(job, self.limits.prepare_seconds + 0.5))
+        except asyncio.TimeoutError:
+            raise prepare_timeout() from None
+
+    async def run_gated(self, request: Request, work: Callable[[threading.Event], T]) -> T:
+        """`work(cancelled)` in a worker thread once the gate lets it through; `cancelled` is set when
+        the client leaves, and the gate opens when the worker ends, not when the request does."""
+        await until_gone(request, self.gate.acquire())
+        cancelled = threading.Event()
+        try:
+            worker = asyncio.get_running_loop().run_in_executor(None, work, cancelled)
+        except BaseException:
+            self.gate.release()
+            raise
+        worker.add_done_callback(lambda _: self.gate.release())
+        try:
+            return await until_gone(request, asyncio.shield(worker))
+        finally:
+            cancelled.set()
+
+    def error_response(self, error: RequestError, headers: dict[str, str] | None = None) -> Response:
+        body = error.body()
+        body["error"]["message"] = public(body["error"]["message"], *self._folders)
+        return Response(json.dumps(body, separators=(",", ":")), status_code=error.status,
+                        media_type="application/json", headers=headers)
+
+    def endpoint(self, handler: Handler) -> Handler:
+        """Errors become JSON bodies: a RequestError its own, a bug one line in the log and a bare 500."""
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                close = {"Connection": "close"} if exc.status in (408, 413, 503) else None  # body maybe unread
+                return self.error_response(exc, close)
+            except ClientGone:
+                return Response(status_code=499)
+            except ClientDisconnect:
+                logger.warning("%s: the client left during its upload", _peer(request))
+                return Response(status_code=499)
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":  # a Rust panic
+                    raise  # cancellation, Ctrl-C, exit
+                logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__,
+                             " ".join(str(exc).split())[:300], exc_info=logger.isEnabledFor(logging.DEBUG))
+                return self.error_response(RequestError(500, "internal server error", kind="server_error"))
+        return run
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return self.error_response(RequestError(status, str(message), kind="invalid_request_error" if status < 500
+                                                else "server_error"))
 
 
 class Generation:
@@ -114,69 +224,63 @@ class Generation:
             loop.call_soon_threadsafe(self.pieces.put_nowait, None)
 
 
-def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES,
-               api_key: str | None = None, limits: Limits | None = None) -> Starlette:
+def endpoints(model: Served) -> tuple[str, ...]:
+    """The POST endpoints a bundle serves, by its task."""
+    task = model.manifest.task
+    return DECODER_ENDPOINTS if task == "text-generation" else (ENCODER_ENDPOINTS[task],)
+
+
+def create_app(model: Served, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES,
+               api_key: str | None = None, limits: Limits | None = None,
+               embeddings: EncoderModel | None = None) -> Starlette:
+    """The app for `model` (a decoder or an encoder bundle) and, with `embeddings`, /v1/embeddings
+    from that feature-extraction bundle beside it. Both share one gate: they share the cores."""
     check_api_key(api_key)
+    models = [model] if embeddings is None else [model, check_embeddings(model, embeddings)]
     limits = limits or Limits(max_body_bytes=max_body_bytes)
-    gate = Gate(queue_limit)
+    http = Http(limits, api_key, Gate(queue_limit), [m.path for m in models])
+    handlers: dict[str, Handler] = {}
+    for served in models:
+        handlers |= (_decoder_handlers(served, http) if served.manifest.task == "text-generation"
+                     else encoder_handlers(served, http))
+    summary = "; ".join(f"{m.manifest.name!r} ({m.manifest.task}): " + ", ".join(f"POST {e}" for e in endpoints(m))
+                        for m in models)
+
+    def not_served(path: str) -> Handler:
+        async def answer(request: Request) -> Response:
+            http.authorize(request)
+            raise RequestError(404, f"POST {path} is not served here; this server serves {summary}",
+                               code="endpoint_not_served")
+        return answer
+
+    async def model_list(request: Request) -> Response:
+        http.authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": m.manifest.name, "object": "model", "created": 0,
+                                                         "owned_by": "edgelm"} for m in models]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": models[0].manifest.name})
+
+    known = (*DECODER_ENDPOINTS, *ENCODER_ENDPOINTS.values())
+    routes = [Route(path, http.endpoint(handlers.get(path) or not_served(path)), methods=["POST"]) for path in known]
+    return Starlette(routes=[*routes, Route("/v1/models", http.endpoint(model_list), methods=["GET"]),
+                             Route("/health", health, methods=["GET"])],
+                     exception_handlers={HTTPException: http.http_error, Exception: http.http_error})
+
+
+def _decoder_handlers(llm: LanguageModel, http: Http) -> dict[str, Handler]:
     model_id = llm.manifest.name
-    preparing = ThreadPoolExecutor(limits.prepare_threads, thread_name_prefix="edgelm-prepare")
-    uploads = 0
-
-    def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
-        body = error.body()
-        body["error"]["message"] = public(body["error"]["message"], llm.path)
-        return Response(json.dumps(body, separators=(",", ":")), status_code=error.status,
-                        media_type="application/json", headers=headers)
-
-    def authorized(request: Request) -> bool:
-        """With an API key, every /v1 request needs `Authorization: Bearer KEY` (constant-time check)."""
-        if api_key is None:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
-
-    async def read(request: Request) -> bytes:
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_body_bytes:
-                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
-        return bytes(raw)
-
-    async def read_body(request: Request) -> bytes:
-        nonlocal uploads
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
-        if uploads >= limits.max_uploads:
-            raise RequestError(503, f"the server is already reading {limits.max_uploads} request bodies; retry later",
-                               kind="server_error", code="overloaded")
-        uploads += 1
-        try:
-            return await asyncio.wait_for(read(request), limits.body_seconds)
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the request body did not arrive within {limits.body_seconds:g} s",
-                               code="timeout") from None
-        finally:
-            uploads -= 1
 
     async def complete(request: Request, chat: bool) -> Response:
-        if not authorized(request):
-            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
-        raw = await read_body(request)
-        deadline = time.monotonic() + limits.prepare_seconds
-        job = asyncio.wrap_future(preparing.submit(prepare, raw, chat, llm, deadline))
-        try:  # the thread stops itself at the deadline; the wait gives it a moment to say so
-            prepared = await until_gone(request, asyncio.wait_for(job, limits.prepare_seconds + 0.5))
-        except asyncio.TimeoutError:
-            raise prepare_timeout() from None
+        http.authorize(request)
+        raw = await http.read_body(request)
+        prepared = await http.prepare(request, lambda deadline: prepare(raw, chat, llm, deadline))
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        await until_gone(request, gate.acquire())
+        await until_gone(request, http.gate.acquire())
         generation = Generation(llm, prepared)
         loop = asyncio.get_running_loop()
         worker = loop.run_in_executor(None, generation.run, loop)
-        worker.add_done_callback(lambda _: gate.release())
+        worker.add_done_callback(lambda _: http.gate.release())
         if prepared.stream:
             return StreamingResponse(_sse(generation, worker, chat, rid, created, model_id),
                                      media_type="text/event-stream")
@@ -194,52 +298,13 @@ def create_app(llm: LanguageModel, queue_limit: int = 8, max_body_bytes: int = M
                              "created": created, "model": model_id, "choices": [choice],
                              "usage": _usage(generation.stats, len(prepared.ids))})
 
-    def endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestError as exc:
-                close = {"Connection": "close"} if exc.status in (408, 413, 503) else None  # body maybe unread
-                return error_response(exc, close)
-            except ClientGone:
-                return Response(status_code=499)
-            except ClientDisconnect:
-                logger.warning("%s: the client left during its upload", _peer(request))
-                return Response(status_code=499)
-            except BaseException as exc:  # a bug: one line in the log, a JSON 500 without details
-                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":  # a Rust panic
-                    raise  # cancellation, Ctrl-C, exit
-                logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__,
-                             " ".join(str(exc).split())[:300], exc_info=logger.isEnabledFor(logging.DEBUG))
-                return error_response(RequestError(500, "internal server error", kind="server_error"))
-        return run
-
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
     async def completions(request: Request) -> Response:
         return await complete(request, chat=False)
 
-    async def models(request: Request) -> Response:
-        if not authorized(request):
-            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
-        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                                         "owned_by": "edgelm"}]})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_id})
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-        return error_response(RequestError(status, str(message), kind="invalid_request_error" if status < 500
-                                           else "server_error"))
-
-    return Starlette(routes=[Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
-                             Route("/v1/completions", endpoint(completions), methods=["POST"]),
-                             Route("/v1/models", endpoint(models), methods=["GET"]),
-                             Route("/health", health, methods=["GET"])],
-                     exception_handlers={HTTPException: http_error, Exception: http_error})
+    return {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
 
 async def until_gone(request: Request, awaitable: Awaitable[T]) -> T:
@@ -321,11 +386,12 @@ def _usage(stats: Any, prompt_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def serve(llm: LanguageModel, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,
-          api_key: str | None = None, limits: Limits | None = None) -> None:
+def serve(model: Served, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,
+          api_key: str | None = None, limits: Limits | None = None, embeddings: EncoderModel | None = None) -> None:
     if api_key is None and os.environ.get("EDGELM_API_KEY") == "":  # set but empty: click reads it as unset
         check_api_key("")
-    app = create_app(llm, queue_limit, api_key=api_key, limits=limits)  # refuses an empty key before binding
+    # refuses an empty key (or bundles that cannot be served together) before binding
+    app = create_app(model, queue_limit, api_key=api_key, limits=limits, embeddings=embeddings)
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -53,27 +53,20 @@ def open_decoder(model_path: Path, manifest: Manifest, threads: int | None = Non
     """An InferenceSession on the manifest's provider (or `provider`, e.g. CPUExecutionProvider to
     check a GPU bundle on a machine without one), checked against the manifest's I/O names. Ops
     the provider lacks fall back to the CPU, as onnxruntime does when both are listed."""
-    chosen = provider or manifest.provider
-    available = ort.get_available_providers()
-    if chosen not in available:
-        raise BundleError(f"provider {chosen} is not available in this onnxruntime "
-                          f"(available: {', '.join(available)})",
-                          hint=f"install an onnxruntime build with {chosen}; or run it here on the CPU "
-                               "(load_bundle(..., provider='CPUExecutionProvider'), --provider CPUExecutionProvider); "
-                               "or build a bundle with a profile for this machine")
+    chosen = available_provider(provider or manifest.provider)
     if manifest.kv.dtype not in _KV_DTYPES:
         raise BundleError(f"{MANIFEST_FILE}: kv.dtype {manifest.kv.dtype!r} is not one of "
                           f"{', '.join(_KV_DTYPES)}", hint="rebuild the bundle")
     options = session_options(manifest, threads)
     providers = session_providers(manifest, chosen)
-    session = _session(model_path, options, providers)
+    session = create_session(model_path, options, providers)
     if manifest.static is not None:  # fixed-shape NPU graphs: a prefill graph and a decode graph
         from edgelm_runtime.static import StaticDecoderSession
 
         if decode_path is None:
             raise BundleError(f"{MANIFEST_FILE}: static bundles need the decode graph's path",
                               hint="open the bundle with load_bundle()")
-        return StaticDecoderSession(session, _session(decode_path, options, providers), manifest)
+        return StaticDecoderSession(session, create_session(decode_path, options, providers), manifest)
     return DecoderSession(session, manifest)
 
 
@@ -85,7 +78,20 @@ def session_providers(manifest: Manifest, chosen: str) -> list[str | tuple[str, 
             for name in names]
 
 
-def _session(model_path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+def available_provider(chosen: str) -> str:
+    """`chosen`, if this onnxruntime has it; else a BundleError naming the ways out."""
+    available = ort.get_available_providers()
+    if chosen not in available:
+        raise BundleError(f"provider {chosen} is not available in this onnxruntime "
+                          f"(available: {', '.join(available)})",
+                          hint=f"install an onnxruntime build with {chosen}; or run it here on the CPU "
+                               "(load_bundle(..., provider='CPUExecutionProvider'), --provider CPUExecutionProvider); "
+                               "or build a bundle with a profile for this machine")
+    return chosen
+
+
+def create_session(model_path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    """An InferenceSession on `model_path`; a file onnxruntime cannot load is a BundleError."""
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
@@ -111,12 +117,12 @@ class DecoderSession:
         optional = [name for name in (io.position_ids, io.logits_to_keep) if name]
         inputs = [io.input_ids, io.attention_mask, *optional, *self._past_names]
         graph_inputs = {i.name for i in session.get_inputs()}
-        _check_names("input", inputs, graph_inputs)
+        check_names("input", inputs, graph_inputs)
         unfed = sorted(graph_inputs - set(inputs))
         if unfed:
             raise BundleError(f"the model input {unfed[0]!r} is not named in {MANIFEST_FILE} io",
                               hint="the manifest does not match model.onnx; rebuild the bundle")
-        _check_names("output", self._output_names, {o.name for o in session.get_outputs()})
+        check_names("output", self._output_names, {o.name for o in session.get_outputs()})
         _check_kv_shape(session, self._past_names[0], kv)
 
     @property
@@ -172,10 +178,11 @@ def _check_kv_shape(session: ort.InferenceSession, name: str, kv: Any) -> None:
                               hint="the manifest does not match model.onnx; rebuild the bundle")
 
 
-def _check_names(kind: str, wanted: list[str], have: set[str]) -> None:
+def check_names(kind: str, wanted: list[str], have: set[str], section: str = "io") -> None:
+    """Every name in `wanted` is one of the graph's `have` (its inputs or outputs)."""
     missing = [name for name in wanted if name not in have]
     if missing:
-        raise BundleError(f"the model has no {kind} {missing[0]!r} named in {MANIFEST_FILE} io "
+        raise BundleError(f"the model has no {kind} {missing[0]!r} named in {MANIFEST_FILE} {section} "
                           f"(it has: {', '.join(sorted(have))})",
                           hint="the manifest does not match model.onnx; rebuild the bundle")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,6 +63,30 @@ class BundleTokenizer:
         check_text(text)
         return self._call(lambda: self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[Encoded]:
+        """Each text's tokens with the post-processor's special tokens ([CLS] ... [SEP]), their
+        character offsets and word indices, for encoders. `max_length` truncates each to that many
+        tokens, special ones included (None: whole texts). The file's own truncation and padding
+        settings are switched off: the caller pads, and must see how long each text really is."""
+        for index, text in enumerate(texts):
+            check_text(text, f"texts[{index}]")
+
+        def work() -> list[Encoded]:
+            tokenizer = self._tokenizer
+            tokenizer.no_padding()
+            try:
+                if max_length is None:
+                    tokenizer.no_truncation()
+                else:
+                    tokenizer.enable_truncation(max_length)
+                encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+            finally:
+                tokenizer.no_truncation()
+            return [Encoded(tuple(e.ids), tuple(e.offsets), tuple(e.word_ids), tuple(map(bool, e.special_tokens_mask)))
+                    for e in encodings]
+
+        return self._call(work)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
         return self._call(lambda: self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
@@ -79,6 +104,17 @@ class BundleTokenizer:
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One text's tokens: ids, (start, end) character offsets into the text, the index of the word
+    each token belongs to (None for special tokens), and which tokens are special."""
+
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    word_ids: tuple[int | None, ...]
+    special: tuple[bool, ...]
 
 
 class TokenizerFailure(Exception):
