@@ -217,16 +217,38 @@ def manifest_summary(manifest: Manifest) -> Table:
                                  f"sha256 {adapter['sha256'][:12]}, merge diff {adapter['merge_max_abs_diff']:.1e})")
     split = stages.get("package", {}).get("size_split")
     table.add_row("size", f"{size / 1e6:.1f} MB in {len(manifest.files)} files" + (f"; {size_split_note(split)}" if split else ""))
-    table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
-                             f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")
+    if manifest.kv is not None:
+        table.add_row("context", f"{manifest.max_seq_len} tokens, {manifest.kv.num_layers} layers, "
+                                 f"{manifest.kv.num_kv_heads} KV heads x {manifest.kv.head_dim}")
+    else:
+        encoder = manifest.encoder
+        what = f"{encoder.pooling} pooling{', normalised' if encoder.normalize else ''}" if encoder.labels == () \
+            else f"labels {', '.join(encoder.labels[:8])}{' ...' if len(encoder.labels) > 8 else ''}"
+        table.add_row("task", f"{encoder.task}: {encoder.output} ({what}), inputs up to {encoder.max_length} tokens")
     if manifest.static is not None:
         static = manifest.static
         table.add_row("static shapes", f"prefill {static.prefill_len} tokens per run, decode 1, KV window "
                                        f"{static.kv_window} (the context limit)")
-    for name in ("prune", "export", "static", "fuse", "quantize", "device", "quality"):
+    for name in ("prune", "export", "encoder_export", "static", "fuse", "quantize", "encoder_quantize", "device",
+                 "quality", "encoder_quality"):
         result = from_record(name, stages[name]) if name in stages else None
         if result is not None and result.shown:
             table.add_row(name, result.note())
     if manifest.pruning:
         table.add_row("pruned", _pruning_result(manifest.pruning))
     return _keep_digits(table)
+
+
+def encoder_eval_table(result: dict[str, Any]) -> Table:
+    """`edgelm eval` of an encoder bundle: its metrics against the fp32 reference."""
+    from edgelm.pipeline.encoder_results import EncoderQualityResult
+
+    table = Table("metric", "value", title=f"edgelm eval: {result['bundle']} ({result['task']})", show_header=False)
+    table.add_row("reference", result["reference"])
+    fields = {f for f in EncoderQualityResult.__dataclass_fields__}
+    table.add_row("result", EncoderQualityResult(**{k: v for k, v in result.items() if k in fields}).note())
+    for key in ("mean_cosine", "min_cosine", "retrieval_agreement", "retrieval_accuracy", "reference_retrieval_accuracy",
+                "label_agreement", "accuracy", "reference_accuracy", "entity_f1"):
+        if result.get(key) is not None:
+            table.add_row(key, f"{result[key]:.4f}")
+    return table

@@ -216,6 +216,14 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
     plain, classify, chat); then the gates. The gate values are
     validated before anything loads (a bad one fails at once); a missed gate raises QualityGateError
     with the numbers, or with check=False is only listed in the report (report.check() raises later)."""
+    if read_manifest(bundle).encoder is not None:  # encoder bundles: their own metrics and gates
+        from edgelm.eval.encoder import evaluate_encoder
+
+        result, failures = evaluate_encoder(bundle, reference, eval_text, provider, progress)
+        report = EvalReport(result, tuple(failures))
+        if check:
+            report.check()
+        return report
     gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
                       "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
     result = measure(bundle, reference, windows, window_len, eval_text, list(tasks), samples, list(shots), seed,

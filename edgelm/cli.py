@@ -183,7 +183,7 @@ def evaluate(
 
     With gates, the numbers are printed and a missed gate exits 2 (for CI)."""
     from edgelm import api
-    from edgelm._render import StepProgress, eval_table, quiet_libraries
+    from edgelm._render import StepProgress, encoder_eval_table, eval_table, quiet_libraries
 
     quiet_libraries()
     with StepProgress(err_console if as_json else console) as progress:
@@ -196,7 +196,7 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(report.result, indent=2) + "\n")
     else:
-        console.print(eval_table(report.result))
+        console.print(eval_table(report.result) if "task" not in report.result else encoder_eval_table(report.result))
     report.check()
 
 

@@ -1,6 +1,8 @@
-"""Encoder bundles (BERT family) for the runtime's tests, built by hand for now: the tiny random
-model exported with torch.onnx (dynamic batch and sequence), its tokenizer.json, and a manifest
-written with the runtime's own classes. The signature stays when the body becomes edgelm.api.build."""
+"""Encoder bundles (BERT family) for the runtime's tests, built by hand: the tiny random model
+exported with torch.onnx (dynamic batch and sequence), its tokenizer.json, and a manifest written
+with the runtime's own classes. They test the runtime against the bundle contract alone, including
+layouts a build does not make today (cls/max pooling, a fixed sequence length, multi-label);
+bundles that `edgelm build` makes are tested through the runtime in tests/arch/test_encoders.py."""
 
 from __future__ import annotations
 

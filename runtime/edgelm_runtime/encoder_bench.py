@@ -32,17 +32,21 @@ Run = Callable[[list[str]], object]  # one call of the engine on a batch of text
 
 def exact_texts(tokenizer: Any, tokens: int, count: int) -> list[str]:
     """`count` different windows of bench.TEXT, each `tokens` tokens long with its special tokens
-    (tokenizer: encode(text, add_special_tokens=...) -> ids, decode(ids) -> text)."""
+    (a BundleTokenizer: its encode_batch ignores tokenizer.json's own padding and truncation)."""
     from edgelm_runtime.errors import GenerationError
 
-    specials = len(tokenizer.encode("", add_special_tokens=True))
+    def encoded(text: str) -> Any:
+        return tokenizer.encode_batch([text])[0]
+
+    specials = len(encoded("").ids)
     words, texts, start = (TEXT * 12).split(), [], 0
     while tokens > specials and len(texts) < count and start < len(words) // 2:
-        ids = tokenizer.encode(" ".join(words[start:start + 2 * tokens]), add_special_tokens=False)
+        window = encoded(" ".join(words[start:start + 2 * tokens]))
+        ids = [i for i, special in zip(window.ids, window.special) if not special]
         length = tokens - specials
         for _ in range(4):  # decode and encode can merge or split a token at the cut: correct once or twice
             text = tokenizer.decode(ids[:length])
-            got = len(tokenizer.encode(text, add_special_tokens=True))
+            got = len(encoded(text).ids)
             if got == tokens:
                 if text not in texts:
                     texts.append(text)
@@ -51,7 +55,7 @@ def exact_texts(tokenizer: Any, tokens: int, count: int) -> list[str]:
         start += 1
     if len(texts) < count:
         raise GenerationError(f"could not make {count} texts of exactly {tokens} tokens with this tokenizer",
-                              hint=f"benchmark lengths above {specials} special tokens, e.g. 16 and 128")
+                              hint=f"benchmark lengths above its {specials} special tokens, e.g. 16 and 128")
     return texts
 
 

