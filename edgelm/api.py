@@ -69,6 +69,7 @@ ENCODER_PHASES = (
     ("export", (ExportEncoder(),)),                  # dynamic batch and sequence, MultiHeadAttention, parity
     ("optimize", (FuseEncoder(),)),                  # onnxruntime's encoder fusions, parity re-checked
     ("quantize", (QuantizeEncoder(),)),              # the profile's encoder scheme (edgelm/quant/encoder.py)
+    ("check", (CheckDevice(),)),                     # ops and shapes the device takes
     ("package", (PackageEncoder(), CheckEncoderQuality(), WriteManifest())),
 )
 ENCODER_PIPELINE = tuple(stage for _, stages in ENCODER_PHASES for stage in stages)

@@ -136,8 +136,11 @@ class EncoderSettings(Frozen):
     an encoder scheme of edgelm/quant/encoder.py, chosen per device by measurement
     (docs/encoders.md); `required_fusions` are counted after the fuse stage like the decoders'."""
 
-    quantization: Literal["none", "dynamic-int8", "static-int8", "weight-only-int4", "float16"]
+    quantization: Literal["none", "dynamic-int8", "static-int8", "weight-only-int4", "float16", "qnn-qdq"]
     required_fusions: tuple[str, ...] = ("MultiHeadAttention", "SkipLayerNormalization")
+    # NPUs: one graph of batch 1 and exactly this many tokens (inputs padded to it), plain ops only
+    # (attention as MatMul/Softmax); the dynamic fp32 export stays the quality reference
+    static_seq_len: int | None = Field(None, ge=8, le=4096)
     # default gates of encoder builds, each against the fp32 model on held-out text (a recipe's
     # quality.* values take precedence): mean cosine of the embeddings and top-1 neighbour
     # agreement (feature-extraction), label agreement (sequence classification), entity F1 of the

@@ -37,7 +37,7 @@ def fp32_reference(manifest: Manifest, model: str | None, work: Path, progress: 
     run_stages((EncoderPreflight(), LoadEncoder(), MergeAdapters(), ExportEncoder()), state, progress)
     folder = work / "reference"
     built = assemble_encoder_bundle(folder, state.reference_onnx, state, f"{manifest.name}-fp32-reference", "reference",
-                                    "CPUExecutionProvider", {})
+                                    "CPUExecutionProvider", {}, static=False)
     return edgelm_runtime.load_bundle(folder, manifest=built), plan
 
 

@@ -9,6 +9,8 @@ own pass on the fused graph:
                    activation ranges calibrated on real text (the calibration prompts)
   weight-only-int4 MatMulNBits, 4-bit blocks of 32, int8 compute per block (accuracy_level 4)
   float16          fp16 weights and activations, float32 at the graph's edge
+  qnn-qdq          QDQ on every op of the fixed-shape graph with onnxruntime's QNN rules (uint16
+                   activations, int8 per-channel weights), calibrated on real text: what an NPU runs
 Which one a CPU profile uses was measured on MiniLM (docs/encoders.md)."""
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ STAGE = "encoder_quantize"
 
 
 class TextFeeds:
-    """onnxruntime's CalibrationDataReader over real texts, one padded batch of 8 per feed."""
+    """onnxruntime's CalibrationDataReader over real texts, one padded batch of 8 per feed (with
+    `static`: one text per feed, padded to max_length, as a fixed-shape graph takes it)."""
 
-    def __init__(self, texts: list[str], tokenizer: Any, inputs: list[str], max_length: int) -> None:
-        self._batches = [texts[i:i + 8] for i in range(0, len(texts), 8)]
-        self._tokenizer, self._inputs, self._max_length = tokenizer, inputs, max_length
+    def __init__(self, texts: list[str], tokenizer: Any, inputs: list[str], max_length: int, static: bool = False) -> None:
+        size = 1 if static else 8
+        self._batches = [texts[i:i + size] for i in range(0, len(texts), size)]
+        self._tokenizer, self._inputs, self._max_length, self._static = tokenizer, inputs, max_length, static
         self.count = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.count >= len(self._batches):
             return None
-        encoded = self._tokenizer(self._batches[self.count], padding=True, truncation=True, max_length=self._max_length,
-                                  return_tensors="np")
+        encoded = self._tokenizer(self._batches[self.count], padding="max_length" if self._static else True,
+                                  truncation=True, max_length=self._max_length, return_tensors="np")
         self.count += 1
         feeds = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         feeds["token_type_ids"] = np.zeros_like(encoded["input_ids"])
@@ -73,6 +77,17 @@ def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextF
                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                            "OpTypesToExcludeOutputQuantization": ["MatMul"]})
         expect = "DequantizeLinear"
+    elif scheme == "qnn-qdq":
+        from onnxruntime.quantization import QuantType, quantize as ort_quantize
+        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+        from edgelm.quant.graph import quiet_root_logger
+
+        config = get_qnn_qdq_config(str(source), calibration, per_channel=True, activation_type=QuantType.QUInt16,
+                                    weight_type=QuantType.QInt8)
+        with quiet_root_logger():
+            ort_quantize(str(source), str(target), config)
+        expect = "QuantizeLinear"
     elif scheme == "weight-only-int4":
         from edgelm.config.profile import WeightOnly
         from edgelm.onnx_graph import save_external

@@ -109,10 +109,10 @@ def test_manifest_records_task_inputs_fusions_and_quality(built):
 
 
 @pytest.mark.parametrize("profile, op", [("cpu-int8", "MatMulInteger"), ("cpu-w8a8", "DequantizeLinear"),
-                                         ("cpu-int4", "MatMulNBits"), ("gpu-fp16", None)])
+                                         ("cpu-int4", "MatMulNBits"), ("gpu-fp16", None), ("npu-qdq", "QuantizeLinear")])
 def test_each_profile_quantizes_with_its_encoder_scheme(profile, op, sources, tmp_path):
     recipe = tmp_path / "random-weights.yaml"  # retrieval on a random model's embeddings is near-ties only
-    recipe.write_text("quality: {min_retrieval_agreement: 0.5}\n")
+    recipe.write_text("quality: {min_retrieval_agreement: 0.5, min_mean_cosine: 0.9}\n")
     report = api.build(api.plan_build(profile=profile, recipe=recipe, model=str(sources["bert", "feature-extraction"]),
                                       name="q"), tmp_path / profile)
     graph = onnx.load(str(report.output / "model.onnx"), load_external_data=False).graph
@@ -122,7 +122,11 @@ def test_each_profile_quantizes_with_its_encoder_scheme(profile, op, sources, tm
         assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
     quality = report.manifest.quality
     assert quality["mean_cosine"] >= report.manifest.plan["quality"]["min_mean_cosine"]
-    assert er.load_bundle(report.output, provider="CPUExecutionProvider").embed(TEXTS).shape == (3, 32)
+    bundle = er.load_bundle(report.output, provider="CPUExecutionProvider")
+    assert bundle.embed(TEXTS).shape == (3, 32)
+    if profile == "npu-qdq":  # one fixed shape, plain ops only (the device stage checked every op)
+        assert bundle.manifest.encoder.static_seq_len == 64 and report.manifest.provenance["stages"]["device"]["graphs"]
+        assert all(d.dim_value == (1, 64)[i] for v in graph.input for i, d in enumerate(v.type.tensor_type.shape.dim))
 
 
 def test_lora_classifier_with_its_head_merges_into_a_bare_encoder(sources, tmp_path):

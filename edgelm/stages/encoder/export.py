@@ -57,14 +57,17 @@ def max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray, task: str) -> float
     return float(np.abs(a - b)[mask.astype(bool)].max())
 
 
-def export_encoder(model: Any, inputs: tuple[str, ...], task: str, target: Path, opset: int) -> None:
+def export_encoder(model: Any, inputs: tuple[str, ...], task: str, target: Path, opset: int,
+                   static_seq_len: int | None = None) -> None:
+    """Dynamic batch and sequence, attention as MultiHeadAttention; with `static_seq_len`, batch 1
+    and exactly that many tokens, attention in plain ops (what an NPU compiler takes)."""
     import contextlib
     import io
 
     import torch
 
     from edgelm.onnx_graph import save_external
-    from edgelm.stages.export.encoder_attention import translation_table
+    from edgelm.stages.export.encoder_attention import STATIC_IMPLEMENTATION, translation_table
 
     class Graph(torch.nn.Module):
         def __init__(self) -> None:
@@ -76,15 +79,22 @@ def export_encoder(model: Any, inputs: tuple[str, ...], task: str, target: Path,
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out.last_hidden_state if task == "feature-extraction" else out.logits
 
-    example = {name: torch.ones(2, 8, dtype=torch.int64) if name == "attention_mask" else
-               torch.full((2, 8), 5, dtype=torch.int64) if name == "input_ids" else
-               torch.zeros(2, 8, dtype=torch.int64) for name in inputs}
+    shape = (1, static_seq_len) if static_seq_len else (2, 8)
+    example = {name: torch.ones(shape, dtype=torch.int64) if name == "attention_mask" else
+               torch.full(shape, 5, dtype=torch.int64) if name == "input_ids" else
+               torch.zeros(shape, dtype=torch.int64) for name in inputs}
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        program = torch.onnx.export(Graph().eval(), (), kwargs=example, dynamo=True, input_names=list(inputs),
-                                    output_names=[output_name(task)], opset_version=opset, optimize=True,
-                                    dynamic_shapes={name: {0: batch, 1: seq} for name in inputs},
-                                    custom_translation_table=translation_table())
+    dynamic = None if static_seq_len else {name: {0: batch, 1: seq} for name in inputs}
+    implementation = model.config._attn_implementation
+    if static_seq_len:
+        model.config._attn_implementation = STATIC_IMPLEMENTATION  # MatMul, Softmax, a bounded mask: no contrib op
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            program = torch.onnx.export(Graph().eval(), (), kwargs=example, dynamo=True, input_names=list(inputs),
+                                        output_names=[output_name(task)], opset_version=opset, optimize=True,
+                                        dynamic_shapes=dynamic, custom_translation_table=translation_table())
+    finally:
+        model.config._attn_implementation = implementation
     target.parent.mkdir(parents=True, exist_ok=True)
     save_external(program.model_proto, target)
 
@@ -120,6 +130,15 @@ class ExportEncoder:
         reference = torch_output(state.model, feeds, state.encoder.task)
         diff = check_parity(target, state, inputs, reference, feeds, self.name)
         state.reference_onnx = state.current_onnx = target
+        if state.plan.profile.encoder.static_seq_len:  # the shipped graph; the dynamic one stays the reference
+            length = state.max_seq_len = min(state.max_seq_len, state.plan.profile.encoder.static_seq_len)
+            fixed = state.work_dir / "static" / "model.onnx"
+            export_encoder(state.model, inputs, state.encoder.task, fixed, state.plan.profile.export.opset, length)
+            diff = max(diff, static_parity(fixed, feeds, reference, length, state))
+            if diff > PARITY_ATOL:
+                raise StageError(self.name, f"the fixed-shape graph differs from PyTorch by {diff:.3g} (limit {PARITY_ATOL})",
+                                 hint="report this with the model's config.json")
+            state.current_onnx = fixed
         size = sum(p.stat().st_size for p in target.parent.iterdir()) / 1e6
         return EncoderExportResult(inputs=list(inputs), output=output_name(state.encoder.task), opset=state.plan.profile.export.opset,
                                    size_mb=round(size, 1), max_abs_diff=diff, attention=_ops(target).get("MultiHeadAttention", 0),
@@ -163,3 +182,21 @@ def _ops(path: Path) -> dict[str, int]:
     import onnx
 
     return count_ops(onnx.load(str(path), load_external_data=False))
+
+
+def static_parity(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, length: int, state: BuildState) -> float:
+    """The fixed-shape graph against PyTorch, one probe text at a time, padded to `length`."""
+    session, task, worst = reference_session(path), state.encoder.task, 0.0
+    for row in range(len(feeds["input_ids"])):
+        one = {name: _pad(value[row:row + 1], length, state.tokenizer.pad_token_id if name == "input_ids" else 0)
+               for name, value in feeds.items()}
+        out = session.run(None, one)[0]
+        out = out if task == "sequence-classification" else out[:, : reference.shape[1]]
+        worst = max(worst, max_diff(out, reference[row:row + 1], feeds["attention_mask"][row:row + 1], task))
+    return worst
+
+
+def _pad(value: np.ndarray, length: int, fill: int) -> np.ndarray:
+    out = np.full((value.shape[0], length), fill or 0, dtype=value.dtype)
+    out[:, : value.shape[1]] = value
+    return out

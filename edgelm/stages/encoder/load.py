@@ -120,7 +120,8 @@ def encoder_preflight(plan: Any, task: str) -> tuple[PreflightResult, EncoderInp
                           hint="pass a Hugging Face encoder folder (BERT, RoBERTa, DistilBERT), or --task text-generation")
     if plan.profile.encoder is None:
         raise ConfigError(f"profile {plan.profile.name} has no encoder section: it builds decoders only",
-                          hint="use cpu-fp32, cpu-int8, cpu-w8a8, cpu-int4 or gpu-fp16 for encoders")
+                          hint="use a profile with an encoder section (edgelm profiles): cpu-fp32, cpu-int8, cpu-w8a8, "
+                               "cpu-int4, gpu-fp16 or npu-qdq")
     config = model_config(plan.model)
     check_tokenizer_file(folder, None)
     arch = encoder_for_config(config, str(folder))

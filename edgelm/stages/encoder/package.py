@@ -16,7 +16,8 @@ from edgelm_runtime.bundle import MODEL_FILE, TOKENIZER_FILE, EncoderLayout, Man
 CALIBRATION_TEXTS = 64  # static-int8: calibration prompts, 8 padded batches of 8
 
 
-def encoder_layout(state: BuildState) -> EncoderLayout:
+def encoder_layout(state: BuildState, static: bool = True) -> EncoderLayout:
+    """The manifest's `encoder` section; static=False for the dynamic fp32 reference graph."""
     from edgelm.arch import encoder_for_config
 
     inputs, export = state.encoder, state.result(EncoderExportResult)
@@ -27,11 +28,11 @@ def encoder_layout(state: BuildState) -> EncoderLayout:
                          pooling=inputs.pooling.mode if inputs.task == "feature-extraction" else None,
                          normalize=inputs.pooling.normalize if inputs.task == "feature-extraction" else False,
                          labels=inputs.labels, multi_label=getattr(state.model.config, "problem_type", None)
-                         == "multi_label_classification")
+                         == "multi_label_classification", static_seq_len=state.max_seq_len if static and state.plan.profile.encoder.static_seq_len else None)
 
 
 def assemble_encoder_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, profile: str, provider: str,
-                            session_options: dict[str, Any]) -> Manifest:
+                            session_options: dict[str, Any], static: bool = True) -> Manifest:
     """Write the graph and the tokenizer into `dest`; the manifest is returned, not written."""
     from edgelm.stages.package import save_model
 
@@ -39,7 +40,7 @@ def assemble_encoder_bundle(dest: Path, onnx_path: Path, state: BuildState, name
     save_model(onnx_path, dest)
     state.tokenizer.backend_tokenizer.save(str(dest / TOKENIZER_FILE))
     return Manifest(name=name, profile=profile, provider=provider, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
-                    kv=None, encoder=encoder_layout(state), max_seq_len=state.max_seq_len,
+                    kv=None, encoder=encoder_layout(state, static), max_seq_len=state.max_seq_len,
                     vocab_size=int(state.model.config.vocab_size), eos_token_ids=(),
                     session_options=session_options, files=describe_files(dest))
 
@@ -56,10 +57,11 @@ class QuantizeEncoder:
         if scheme == "none":
             return EncoderQuantizeResult(scheme="none", skipped="fp32: no quantization")
         calibration = None
-        if scheme == "static-int8":
+        if scheme in ("static-int8", "qnn-qdq"):
             texts = calibration_texts(state.plan.calibration.source, state.tokenizer, None,
                                       max(state.plan.calibration.samples, CALIBRATION_TEXTS))
-            calibration = TextFeeds(texts, state.tokenizer, state.result(EncoderExportResult).inputs, state.max_seq_len)
+            calibration = TextFeeds(texts, state.tokenizer, state.result(EncoderExportResult).inputs, state.max_seq_len,
+                                    static=state.plan.profile.encoder.static_seq_len is not None)
         progress(self.name, 0, None, scheme)
         target = state.work_dir / "quantized" / MODEL_FILE
         facts = quantize_encoder(scheme, state.current_onnx, target, calibration)

@@ -141,7 +141,7 @@ class CheckEncoderQuality:
         reference_dir = state.work_dir / "reference"
         reference_manifest = assemble_encoder_bundle(reference_dir, state.reference_onnx, state,
                                                      f"{state.plan.name}-fp32-reference", "reference",
-                                                     "CPUExecutionProvider", session_options(state))
+                                                     "CPUExecutionProvider", session_options(state), static=False)
         provider = state.plan.profile.provider
         measured_on = provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
         progress(self.name, 0, None, "held-out texts")

@@ -8,13 +8,16 @@ mask, and attention is the custom op `edgelm::mha`, which torch.onnx translates 
 alone: on the graphs torch.onnx.export(dynamo=True) writes from transformers 5 it fuses no
 Attention on MiniLM (eager or sdpa), and the TorchScript exporter's graph, which it does fuse,
 is wrong there (max diff 1.45 against PyTorch). The rest (SkipLayerNormalization, BiasGelu, ...)
-is still left to the optimizer (edgelm/stages/optimize.py)."""
+is still left to the optimizer (edgelm/stages/optimize.py). Fixed-shape NPU graphs take
+`edgelm_plain` instead: the same attention in plain ops, with a bounded mask."""
 
 from __future__ import annotations
 
 from typing import Any
 
 IMPLEMENTATION = "edgelm_mha"
+STATIC_IMPLEMENTATION = "edgelm_plain"  # fixed-shape NPU graphs: MatMul, Softmax and a bounded additive mask
+MASK_VALUE = -100.0  # exp(-100) is 0 in fp32, and a small range survives 16-bit quantization (finfo.min does not)
 _SCHEMA = "(Tensor query, Tensor key, Tensor value, Tensor key_padding_mask, int num_heads, float scale) -> Tensor"
 
 
@@ -43,6 +46,8 @@ def register() -> Any:
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
+    AttentionInterface.register(STATIC_IMPLEMENTATION, _plain_attention)
+    AttentionMaskInterface.register(STATIC_IMPLEMENTATION, _padding_mask)
     return torch.ops.edgelm.mha.default
 
 
@@ -66,6 +71,18 @@ def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: An
     scale = float(scaling if scaling is not None else head_dim ** -0.5)
     out = torch.ops.edgelm.mha(flat(query), flat(key), flat(value), attention_mask.to(torch.int32), heads, scale)
     return out.view(batch, seq, heads, head_dim), None
+
+
+def _plain_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                     dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """The same attention in plain ops, padding masked by adding MASK_VALUE (a QDQ graph
+    quantizes the scores with the mask in them: a mask of finfo.min leaves the scores no steps)."""
+    import torch
+
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    bias = (1.0 - attention_mask[:, None, None, :].to(query.dtype)) * MASK_VALUE
+    probs = torch.softmax(query @ key.transpose(2, 3) * scale + bias, dim=-1)
+    return (probs @ value).transpose(1, 2), None
 
 
 def _schema() -> Any:
