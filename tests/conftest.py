@@ -110,7 +110,7 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> P
     return folder
 
 
-ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+ENCODER_FAMILIES = ("bert", "roberta", "distilbert", "modernbert")
 NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 _ENCODER_HEADS = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
                   "token-classification": "AutoModelForTokenClassification"}
@@ -149,7 +149,7 @@ def _train_wordpiece(family: str):
 
 def save_tiny_encoder(folder: Path, family: str = "bert", task: str = "feature-extraction", seed: int = 0,
                       sentence_transformers: bool = False, **overrides) -> Path:
-    """A tiny random encoder of `family` (bert, roberta, distilbert; hidden 32, 2 layers) for
+    """A tiny random encoder of `family` (bert, roberta, distilbert, modernbert; hidden 32, 2 layers) for
     `task`, saved as safetensors with its tokenizer: sequence classification with labels
     negative/positive, token classification with NER_LABELS. `sentence_transformers`: also write
     modules.json and 1_Pooling/config.json (mean pooling) and a Normalize module, as
@@ -165,6 +165,9 @@ def save_tiny_encoder(folder: Path, family: str = "bert", task: str = "feature-e
     labels = {"sequence-classification": ("negative", "positive"), "token-classification": NER_LABELS}.get(task, ())
     sizes = ({"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4} if family == "distilbert" else
              {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
+    if family == "modernbert":  # a global and a sliding-window layer (window 16, shorter than the tests' texts)
+        sizes |= {"local_attention": 16, "global_attn_every_n_layers": 2,
+                  "cls_token_id": backend.token_to_id("[CLS]"), "sep_token_id": backend.token_to_id("[SEP]")}
     fields = {"vocab_size": backend.get_vocab_size(), "max_position_embeddings": 130 if family == "roberta" else 128,
               "pad_token_id": backend.token_to_id(specials["pad_token"]), **sizes, **overrides}
     if labels:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgelm.arch import bert, distilbert, gemma3, llama, mistral, phi3, qwen2, qwen3, roberta, smollm3
+from edgelm.arch import bert, distilbert, gemma3, llama, mistral, modernbert, phi3, qwen2, qwen3, roberta, smollm3
 from edgelm.arch.encoder import EncoderArch
 from edgelm.arch.base import DecoderArch, InputGroup, LayerAttention, LayerNorms, NormFold, RoleWeight, shrink_linear
 from edgelm.errors import ModelLoadError
@@ -25,6 +25,7 @@ ENCODER_ARCHS: dict[str, EncoderArch] = {
     "roberta": roberta.ARCH,
     "xlm-roberta": roberta.ARCH,
     "distilbert": distilbert.ARCH,
+    "modernbert": modernbert.ARCH,
 }
 
 __all__ = ["ARCHS", "ENCODER_ARCHS", "DecoderArch", "EncoderArch", "encoder_for_config", "InputGroup", "LayerAttention", "LayerNorms", "NormFold", "RoleWeight",

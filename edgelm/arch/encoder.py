@@ -33,3 +33,8 @@ class EncoderArch:
     def max_positions(self, config: Any) -> int:
         """The longest input in tokens, special tokens included."""
         return int(config.max_position_embeddings)
+
+    def attention_refusal(self, config: Any) -> str | None:
+        """Why attention cannot be one MultiHeadAttention with a padding mask (None: it can); the
+        export then keeps transformers' eager attention in plain ops."""
+        return None

@@ -19,11 +19,13 @@ class EncoderExportResult(StageResult):
     size_mb: float = 0.0
     max_abs_diff: float = 0.0          # ONNX vs PyTorch on a padded probe batch, real positions
     attention: int = 0                 # MultiHeadAttention nodes (one per layer)
+    plain_attention: str | None = None  # why attention stayed in plain ops (arch.attention_refusal)
     probe: Any = field(default=None, metadata=_ARTEFACT)  # (feeds, PyTorch output): the fuse stage's parity
 
     def note(self) -> str:
-        return (f"{', '.join(self.inputs)} -> {self.output}, MultiHeadAttention x{self.attention}, {self.size_mb} MB, "
-                f"parity {self.max_abs_diff:.1e}")
+        attention = f"plain attention ({self.plain_attention})" if self.plain_attention else \
+            f"MultiHeadAttention x{self.attention}"
+        return f"{', '.join(self.inputs)} -> {self.output}, {attention}, {self.size_mb} MB, parity {self.max_abs_diff:.1e}"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ Inputs are windows of real prose (bench.TEXT) cut so each encodes to exactly N t
 tokens included (the sequence length the graph sees, no padding); a batch holds different texts.
 What is timed is the bundle's own call, embed(), classify() or tag() as its task says, with
 tokenization and pooling: what an app sees. Each repetition runs every case for at least
-`min_calls` calls and `min_seconds`; sentences_per_s is a case's median over the repetitions (min
-and max beside it), latency_ms p50/p90/p99 are over all its calls. `bench_encoder` measures a
+`min_calls` calls and `min_seconds`; sentences_per_s is batch / the repetition's median call, its
+median over the repetitions (min and max beside it): a neighbour's burst on a shared machine stalls
+a few calls by 100x (seen: 7/s mean against 150/s median for PyTorch at batch 1), and the median
+call does not move. wall_sentences_per_s is every call's texts over every call's time, stalls and
+all; latency_ms p50/p90/p99 are over all calls. `bench_encoder` measures a
 loaded model in this process; `bench_encoder_workers` runs engines in worker processes that speak
 bench.serve_worker's protocol, interleaved, as `edgelm bench` does for decoders."""
 
@@ -98,11 +101,12 @@ def summarize(hello: dict[str, Any], final: dict[str, Any], repetitions: list[di
     for batch in hello["batch_sizes"]:
         for tokens in hello["lengths"]:
             key = case_key(batch, tokens)
-            rates = [batch * len(r[key]) / sum(r[key]) for r in repetitions]
+            rates = [batch / statistics.median(r[key]) for r in repetitions]
             every = np.asarray([s for r in repetitions for s in r[key]]) * 1e3
             p50, p90, p99 = (float(v) for v in np.percentile(every, [50, 90, 99]))
             cases.append({"batch": batch, "tokens": tokens, "sentences_per_s": statistics.median(rates),
                           "sentences_per_s_min": min(rates), "sentences_per_s_max": max(rates),
+                          "wall_sentences_per_s": batch * every.size / every.sum() * 1e3,
                           "latency_ms": {"p50": p50, "p90": p90, "p99": p99}, "calls": int(every.size)})
     return {**{k: hello.get(k) for k in ("name", "path", "profile", "task", "load_s", "size_mb")},
             "peak_rss_mb": final["peak_rss_mb"], "cases": cases}

@@ -142,6 +142,7 @@ class ExportEncoder:
         size = sum(p.stat().st_size for p in target.parent.iterdir()) / 1e6
         return EncoderExportResult(inputs=list(inputs), output=output_name(state.encoder.task), opset=state.plan.profile.export.opset,
                                    size_mb=round(size, 1), max_abs_diff=diff, attention=_ops(target).get("MultiHeadAttention", 0),
+                                   plain_attention=encoder_for_config(state.model.config).attention_refusal(state.model.config),
                                    probe=(feeds, reference))
 
 
@@ -158,13 +159,16 @@ class FuseEncoder:
             return FuseResult(skipped="fusions disabled by the profile")
         arch = encoder_for_config(state.model.config)
         hidden, heads, _ = arch.sizes(state.model.config)
-        optimized = optimize_model(str(state.current_onnx), model_type=arch.optimizer_model_type, num_heads=heads,
+        source = with_norm_biases(state.current_onnx, state.work_dir / "biased" / "model.onnx")
+        optimized = optimize_model(str(source), model_type=arch.optimizer_model_type, num_heads=heads,
                                    hidden_size=hidden, opt_level=0, use_gpu=False)
         target = state.work_dir / "fused" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         optimized.save_model_to_file(str(target), use_external_data_format=True, all_tensors_to_one_file=True)
         ops = _ops(target)
         wanted = state.plan.profile.encoder.required_fusions
+        if arch.attention_refusal(state.model.config):  # plain attention: no MultiHeadAttention to count
+            wanted = tuple(op for op in wanted if op != "MultiHeadAttention")
         fused = {op: ops.get(op, 0) for op in dict.fromkeys((*wanted, "SkipLayerNormalization", "BiasGelu", "FastGelu",
                                                               "EmbedLayerNormalization", "LayerNormalization")) if ops.get(op)}
         missing = [op for op in wanted if not ops.get(op)]
@@ -176,6 +180,28 @@ class FuseEncoder:
         diff = check_parity(target, state, tuple(feeds), reference, feeds, self.name)
         state.current_onnx = target
         return FuseResult(fused=fused, max_abs_diff_vs_export=diff)
+
+
+def with_norm_biases(path: Path, target: Path) -> Path:
+    """Bias-free LayerNormalization nodes (ModernBERT's) given an explicit zero bias: onnxruntime's
+    SkipLayerNormalization fusion reads a third input that such a node lacks (IndexError)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelm.onnx_graph import save_external
+
+    model = onnx.load(str(path))
+    scales = {init.name: init for init in model.graph.initializer}
+    missing = [node for node in model.graph.node if node.op_type == "LayerNormalization" and len(node.input) == 2
+               and node.input[1] in scales]
+    if not missing:
+        return path
+    for node in missing:
+        bias = numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scales[node.input[1]])), node.name + "_zero_bias")
+        model.graph.initializer.append(bias)
+        node.input.append(bias.name)
+    save_external(model, target)
+    return target
 
 
 def _ops(path: Path) -> dict[str, int]:

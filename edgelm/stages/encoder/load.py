@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgelm.config.plan import DEFAULT_MAX_SEQ_LEN
 from edgelm.errors import ConfigError, ModelLoadError
 from edgelm.pipeline.results import LoadResult, PreflightResult
 from edgelm.pipeline.stage import BuildState, Progress
@@ -125,6 +126,10 @@ def encoder_preflight(plan: Any, task: str) -> tuple[PreflightResult, EncoderInp
     config = model_config(plan.model)
     check_tokenizer_file(folder, None)
     arch = encoder_for_config(config, str(folder))
+    refusal = arch.attention_refusal(config)
+    if refusal and plan.profile.encoder.static_seq_len:
+        raise ConfigError(f"{folder}: {arch.name} cannot build for {plan.profile.name} yet: {refusal}",
+                          hint="use a dynamic-shape profile (cpu-fp32, cpu-int8, gpu-fp16, ...)")
     if plan.prune is not None:
         raise ConfigError("prune: pruning is for decoders; encoder builds do not prune yet", hint="leave out prune / --prune-mlp")
     adapters = read_adapters(plan.adapters)
@@ -183,8 +188,11 @@ def read_labelled(path: Path, labels: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def load_encoder(inputs: EncoderInputs) -> Any:
     """The fp32 model with the task's head, its attention routed through edgelm_mha (exported as
-    MultiHeadAttention, export/encoder_attention.py); a classifier adapter's head size decides
-    num_labels."""
+    MultiHeadAttention, export/encoder_attention.py) unless the family's attention needs more than
+    a padding mask (arch.attention_refusal: eager attention); a classifier adapter's head size
+    decides num_labels."""
+    from edgelm.arch import encoder_for_config
+
     import contextlib
     import io
 
@@ -203,7 +211,8 @@ def load_encoder(inputs: EncoderInputs) -> Any:
         with contextlib.redirect_stderr(io.StringIO()):
             model = getattr(transformers, _HEADS[inputs.task]).from_pretrained(
                 inputs.folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
-                attn_implementation=IMPLEMENTATION, **kwargs)
+                attn_implementation="eager" if encoder_for_config(inputs.config).attention_refusal(inputs.config)
+                else IMPLEMENTATION, **kwargs)
     except Exception as exc:
         raise _weights_error(inputs.folder, exc) from exc
     return model.eval()
@@ -237,7 +246,7 @@ class LoadEncoder:
         state.model = load_encoder(inputs)
         state.tokenizer = load_tokenizer(AutoTokenizer, inputs.folder, None)
         arch = encoder_for_config(inputs.config)
-        limits = [arch.max_positions(inputs.config), inputs.pooling.max_seq_length, state.plan.max_seq_len]
+        limits = [arch.max_positions(inputs.config), inputs.pooling.max_seq_length, state.plan.max_seq_len or DEFAULT_MAX_SEQ_LEN]
         state.max_seq_len = min(limit for limit in limits if limit)
         parameters = sum(p.numel() for p in state.model.parameters())
         state.source = {"path": str(inputs.folder), "format": "safetensors", "model_type": inputs.config.model_type,
