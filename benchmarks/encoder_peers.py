@@ -7,9 +7,9 @@ Every engine embeds the same texts: windows of edgelm_runtime.bench.TEXT of exac
 tokens (special tokens included), made once with the model's tokenizer.json and handed to each
 worker; batch 1 and batch 32 (32 different texts). Each engine runs in its own worker process
 (edgelm_runtime.encoder_bench's protocol: its load time and peak RSS are its own); repetitions are
-interleaved engine by engine, so machine noise hits all alike; sentences/s is the median of
---repeats repetitions (each case at least --min-calls calls and --min-seconds), latency p50/p90/p99
-over all calls. Ratios are against the first row, sentence-transformers' SentenceTransformer.encode
+interleaved engine by engine, so machine noise hits all alike; sentences/s is batch / the median
+call, the median of --repeats repetitions (each case at least --min-calls calls and --min-seconds),
+latency p50/p90/p99 over all calls (encoder_bench's docstring says why the median call). Ratios are against the first row, sentence-transformers' SentenceTransformer.encode
 (tokenize + BertModel + mean pooling + normalize, torch.set_num_threads(--threads)); an edgelm
 feature-extraction bundle's embed() does the same work. After timing, each bundle's vectors are
 checked against sentence-transformers' (min cosine over the texts), so a table never compares
@@ -184,7 +184,7 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"{machine['cpu']}, {machine['cores']} cores, {result['settings']['threads']} threads; onnxruntime "
                  f"{machine['onnxruntime']}, torch {result['peers']['torch']}; median of {result['settings']['repeats']} "
-                 f"interleaved repetitions; sentences/s = texts per second of the whole call.")
+                 f"interleaved repetitions; sentences/s = batch / median call (tokenize + model + pooling).")
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ class EncoderQuantizeResult(StageResult):
     size_mb_before: float | None = None
     size_mb_after: float | None = None
     calibration_feeds: int | None = None
+    embeddings: str | None = None  # "int4": the token embedding as GatherBlockQuantized
 
     @property
     def shown(self) -> bool:
@@ -47,8 +48,9 @@ class EncoderQuantizeResult(StageResult):
         if self.skipped:
             return self.skipped
         calibration = f", {self.calibration_feeds} calibration batches" if self.calibration_feeds else ""
-        return (f"{self.scheme}: {self.weight_matmuls} weight MatMuls, {self.size_mb_before} -> {self.size_mb_after} MB"
-                f"{calibration}")
+        embedding = ", 4-bit token embedding" if self.embeddings == "int4" else ""
+        return (f"{self.scheme}: {self.weight_matmuls} weight MatMuls{embedding}, {self.size_mb_before} -> "
+                f"{self.size_mb_after} MB{calibration}")
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,22 @@ class TextFeeds:
         self.count = 0
 
 
-def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextFeeds | None) -> dict[str, Any]:
-    """Write `source` quantized by `scheme` to `target`; returns the facts the manifest records."""
+def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextFeeds | None,
+                     embeddings: str = "float") -> dict[str, Any]:
+    """Write `source` quantized by `scheme` (and its token embedding to 4 bits with
+    embeddings="int4") to `target`; returns the facts the manifest records."""
     import onnx
 
     from edgelm.quant.graph import size_mb, weight_matmuls
 
     target.parent.mkdir(parents=True, exist_ok=True)
     matmuls = list(weight_matmuls(onnx.load(str(source), load_external_data=False)))
-    if scheme == "dynamic-int8":
+    if scheme == "none":
+        from edgelm.onnx_graph import save_external
+
+        save_external(onnx.load(str(source)), target)
+        expect = None
+    elif scheme == "dynamic-int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=matmuls,
@@ -107,11 +114,39 @@ def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextF
         expect = None
     else:
         raise StageError(STAGE, f"encoder.quantization {scheme!r} is not a scheme", hint="see edgelm/quant/encoder.py")
+    if embeddings == "int4":
+        quantize_embedding(target)
+        scheme_facts = {"embeddings": "int4"}
+    else:
+        scheme_facts = {}
     graph = onnx.load(str(target), load_external_data=False).graph
     if expect and not any(node.op_type == expect for node in graph.node):
         raise StageError(STAGE, f"{scheme}: the quantized graph has no {expect} node", hint="report this with --debug")
     facts = {"scheme": scheme, "weight_matmuls": len(matmuls), "size_mb_before": size_mb(source),
-             "size_mb_after": size_mb(target)}
+             "size_mb_after": size_mb(target), **scheme_facts}
     if calibration is not None:
         facts["calibration_feeds"] = calibration.count
     return facts
+
+
+def quantize_embedding(path: Path) -> None:
+    """The token embedding's Gather (the largest table a Gather reads) as 4-bit GatherBlockQuantized,
+    blocks of 32 along the hidden axis; position and token-type tables stay float."""
+    import onnx
+
+    from edgelm.onnx_graph import save_external
+    from edgelm.quant.matmul_nbits import _nbits
+
+    nbits = _nbits()
+    model = onnx.load(str(path))
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    gathers = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in sizes]
+    if not gathers:
+        raise StageError(STAGE, "embeddings: int4 found no embedding Gather in the graph", hint="report this with --debug")
+    token = max(gathers, key=lambda node: sizes[node.input[0]])
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, nodes_to_exclude=[node.name for node in gathers if node is not token],
+        algo_config=nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4,
+                                                       op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),)))
+    quantizer.process()
+    save_external(quantizer.model.model, path)

@@ -54,7 +54,7 @@ class QuantizeEncoder:
         from edgelm.quant.encoder import TextFeeds, quantize_encoder
 
         scheme = state.plan.profile.encoder.quantization
-        if scheme == "none":
+        if scheme == "none" and state.plan.profile.encoder.embeddings == "float":
             return EncoderQuantizeResult(scheme="none", skipped="fp32: no quantization")
         calibration = None
         if scheme in ("static-int8", "qnn-qdq"):
@@ -64,7 +64,7 @@ class QuantizeEncoder:
                                     static=state.plan.profile.encoder.static_seq_len is not None)
         progress(self.name, 0, None, scheme)
         target = state.work_dir / "quantized" / MODEL_FILE
-        facts = quantize_encoder(scheme, state.current_onnx, target, calibration)
+        facts = quantize_encoder(scheme, state.current_onnx, target, calibration, state.plan.profile.encoder.embeddings)
         state.current_onnx = target
         return EncoderQuantizeResult(**facts)
 
