@@ -211,12 +211,16 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
              max_perplexity_ratio: float | None = None, min_top1_agreement: float | None = None,
              max_kl_divergence: float | None = None, max_accuracy_drop: float | None = None,
              check: bool = True, progress: Progress = no_progress,
-             formats: Sequence[str] = ("plain",)) -> EvalReport:
+             formats: Sequence[str] = ("plain",), selection: str = "round-robin",
+             embedder: str | Path | None = None) -> EvalReport:
     """Measure a bundle against a reference (default: its source model in fp32): perplexity, top-1
     agreement, KL divergence, zero/few-shot task accuracy (in each prompt format of `formats`:
-    plain, classify, chat); then the gates. The gate values are
+    plain, classify, chat; few-shot examples chosen round-robin or, with selection="nearest", by
+    `embedder`'s embeddings); then the gates. The gate values are
     validated before anything loads (a bad one fails at once); a missed gate raises QualityGateError
     with the numbers, or with check=False is only listed in the report (report.check() raises later)."""
+    gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
+                      "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
     if read_manifest(bundle).encoder is not None:  # encoder bundles: their own metrics and gates
         from edgelm.eval.encoder import evaluate_encoder
 
@@ -225,10 +229,9 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
         if check:
             report.check()
         return report
-    gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
-                      "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
     result = measure(bundle, reference, windows, window_len, eval_text, list(tasks), samples, list(shots), seed,
-                     progress=progress, provider=provider, formats=list(formats))
+                     progress=progress, provider=provider, formats=list(formats), selection=selection,
+                     embedder=embedder)
     report = EvalReport(result, tuple(gate_misses(result, gates, max_accuracy_drop)))
     if check:
         report.check()

@@ -170,6 +170,8 @@ def evaluate(
     eval_text: str = typer.Option("builtin", "--eval-text", help="Held-out .txt (default: BBC tech articles)."),
     tasks: str = typer.Option("sentiment,topic", "--tasks", help="Comma-separated tasks (sentiment, topic, capitals, yesno), or '' for none."),
     formats: str = typer.Option("plain", "--formats", help="Comma-separated prompt formats: plain, classify, chat."),
+    selection: str = typer.Option("round-robin", "--selection", help="Few-shot examples: round-robin, or nearest (by --embedder)."),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="Feature-extraction bundle for --selection nearest."),
     samples: int = typer.Option(100, "--samples", help="Examples per task (balanced over labels)."),
     shots: str = typer.Option("0,3", "--shots", help="Comma-separated few-shot counts."),
     seed: int = typer.Option(0, "--seed", help="Seed of the task splits."),
@@ -192,7 +194,8 @@ def evaluate(
                               shots=[int(k) for k in shots.split(",") if k.strip()], seed=seed, provider=provider,
                               max_perplexity_ratio=max_perplexity_ratio, min_top1_agreement=min_top1_agreement,
                               max_kl_divergence=max_kl_divergence, max_accuracy_drop=max_accuracy_drop, check=False,
-                              progress=progress.update, formats=[f.strip() for f in formats.split(",") if f.strip()])
+                              progress=progress.update, formats=[f.strip() for f in formats.split(",") if f.strip()],
+                              selection=selection, embedder=embedder)
     if as_json:
         sys.stdout.write(json.dumps(report.result, indent=2) + "\n")
     else:

@@ -83,9 +83,12 @@ def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
 def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,
              eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
              shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress,
-             provider: str | None = None, formats: Sequence[str] = ("plain",)) -> dict[str, Any]:
+             provider: str | None = None, formats: Sequence[str] = ("plain",), selection: str = "round-robin",
+             embedder: str | Path | None = None) -> dict[str, Any]:
+    """`selection` of the few-shot examples: round-robin over the labels, or "nearest": the pool
+    examples nearest each evaluated text by `embedder`'s embeddings (a feature-extraction bundle)."""
     import edgelm_runtime
-    from edgelm.eval.tasks import FORMATS
+    from edgelm.eval.tasks import FORMATS, with_nearest_demos
     from edgelm_runtime.scoring import DEFAULT_SCORING
 
     for asked, known, what in ((formats, FORMATS, "prompt format"), (tasks, TASK_NAMES, "task")):
@@ -93,6 +96,7 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
         if unknown:  # before anything loads
             raise ConfigError(f"unknown {what} {unknown[0]!r}", hint=f"use one of: {', '.join(known)}")
 
+    picker = _embedder(selection, embedder)
     candidate = edgelm_runtime.load_bundle(bundle, provider=provider)
     progress("reference", 0, None, "loading the reference")
     ref_model, ref_name = open_reference(reference, candidate.manifest)
@@ -106,9 +110,11 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     scorers = (candidate.continuation_logprobs, ref_model.continuation_logprobs)
     for name in tasks:
         task = load_task(name, samples, seed)
+        if picker is not None:
+            task = with_nearest_demos(task, picker)
         for k in shots:
             for fmt in formats:  # the plain format keeps the bare key (sentiment-0shot)
-                key = f"{name}-{k}shot" + ("" if fmt == "plain" else f"-{fmt}")
+                key = f"{name}-{k}shot" + ("" if fmt == "plain" else f"-{fmt}") + ("-nearest" if picker and k else "")
                 accuracy, reference_accuracy = task_accuracy(
                     task, k, encode, scorers, candidate.manifest.max_seq_len, fmt, candidate.render_chat,
                     on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
@@ -117,10 +123,34 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
                     "accuracy": round(accuracy[DEFAULT_SCORING], 4),
                     "reference_accuracy": round(reference_accuracy[DEFAULT_SCORING], 4),
                     "n": len(task.examples), "scoring": DEFAULT_SCORING, "format": fmt,
+                    "selection": selection if k else None,
                     "by_scoring": {scoring: {"accuracy": round(accuracy[scoring], 4),
                                              "reference_accuracy": round(reference_accuracy[scoring], 4)}
                                    for scoring in accuracy}}
     return result
+
+
+SELECTIONS = ("round-robin", "nearest")
+
+
+def _embedder(selection: str, embedder: str | Path | None) -> Any:
+    """The feature-extraction bundle that chooses few-shot examples ("nearest"), checked up front."""
+    import edgelm_runtime
+
+    if selection not in SELECTIONS:
+        raise ConfigError(f"unknown few-shot selection {selection!r}", hint=f"use one of: {', '.join(SELECTIONS)}")
+    if selection == "round-robin":
+        if embedder is not None:
+            raise ConfigError("--embedder is only used by --selection nearest", hint="add --selection nearest")
+        return None
+    if embedder is None:
+        raise ConfigError("--selection nearest needs --embedder BUNDLE (a feature-extraction bundle)",
+                          hint="build one: edgelm build --profile cpu-int8 --model path/to/all-MiniLM-L6-v2 -o dist/minilm")
+    model = edgelm_runtime.load_bundle(embedder)
+    if model.manifest.task != "feature-extraction":
+        raise ConfigError(f"{embedder}: --embedder needs a feature-extraction bundle, not {model.manifest.task}",
+                          hint="build one with edgelm build --task feature-extraction")
+    return model
 
 
 def gate_misses(result: dict[str, Any], gates: Any, max_accuracy_drop: float | None = None) -> list[str]:

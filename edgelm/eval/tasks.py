@@ -11,8 +11,10 @@ generated text. The prompt formats (FORMATS):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,12 +39,18 @@ class Task:
     examples: tuple[Example, ...]
     pool: tuple[Example, ...]
     ask: str = "{text}"  # the text as a user hands it to classify() (multiple choice: the question)
+    # few-shot selection: None = round-robin over the labels; else (text, shots) -> the pool examples
+    # for that text (nearest by embedding: with_nearest_demos)
+    select: Callable[[str, int], list[Example]] | None = None
 
     def options(self, example: Example) -> tuple[str, ...]:
         return example.options or self.labels
 
-    def demos(self, shots: int) -> list[Example]:
-        """`shots` pool examples, round-robin over the labels (in pool order for multiple choice)."""
+    def demos(self, shots: int, text: str | None = None) -> list[Example]:
+        """`shots` pool examples for `text`: the task's selection, else round-robin over the labels
+        (in pool order for multiple choice)."""
+        if self.select is not None and text is not None and shots:
+            return self.select(text, shots)
         if not self.labels:
             return [self.pool[i % len(self.pool)] for i in range(shots)]
         by_label = {label: [e for e in self.pool if e.label == label] for label in self.labels}
@@ -53,11 +61,13 @@ class Task:
         return chosen
 
     def prompt(self, text: str, options: Sequence[str], shots: int, fmt: str = "plain",
-               render_chat: Callable[[Messages], str] | None = None, content_free: bool = False) -> tuple[str, str]:
+               render_chat: Callable[[Messages], str] | None = None, content_free: bool = False,
+               demos_for: str | None = None) -> tuple[str, str]:
         """(prompt, what goes before each answer) for `text` in the prompt format `fmt`.
         content_free: `text` is the whole input (classify: in place of the question, as
-        classify(calibrate=True) puts it)."""
-        demos = self.demos(shots)
+        classify(calibrate=True) puts it); demos_for: the text whose examples to show (the
+        evaluated example's, when `text` is the content-free input)."""
+        demos = self.demos(shots, demos_for or text)
         if fmt == "plain":
             solved = "".join(f"{self.query.format(text=e.text)} {e.label}\n\n" for e in demos)
             return solved + self.query.format(text=text), " "
@@ -91,10 +101,11 @@ def task_accuracy(task: Task, shots: int, encode: Callable[[str], list[int]], sc
     from edgelm_runtime.model import CONTENT_FREE
     from edgelm_runtime.scoring import SCORINGS, aggregate, split_continuations
 
-    priors: dict[tuple[str, ...], list[dict[str, np.ndarray]]] = {}
+    priors: dict[tuple[Any, ...], list[dict[str, np.ndarray]]] = {}
 
-    def scores(text: str, options: tuple[str, ...], content_free: bool = False) -> list[dict[str, np.ndarray]]:
-        prompt, before = task.prompt(text, options, shots, fmt, render_chat, content_free)
+    def scores(text: str, options: tuple[str, ...], content_free: bool = False,
+               demos_for: str | None = None) -> list[dict[str, np.ndarray]]:
+        prompt, before = task.prompt(text, options, shots, fmt, render_chat, content_free, demos_for)
         answers = [before + option for option in options]
         prompt_ids, answer_ids = split_continuations(encode, prompt, answers)
         prompt_ids = prompt_ids[-(context - max(len(ids) for ids in answer_ids)):]
@@ -104,12 +115,30 @@ def task_accuracy(task: Task, shots: int, encode: Callable[[str], list[int]], sc
     correct = [dict.fromkeys([*SCORINGS, *(f"{s}+calibrated" for s in SCORINGS)], 0) for _ in scorers]
     for i, example in enumerate(task.examples):
         options = task.options(example)
-        if options not in priors:
-            priors[options] = scores(CONTENT_FREE, options, content_free=True)
+        # the prior of the prompt the example is asked in: its own examples when they are chosen per text
+        key = (options, tuple(task.demos(shots, example.text))) if task.select is not None else (options,)
+        if key not in priors:
+            priors[key] = scores(CONTENT_FREE, options, content_free=True, demos_for=example.text)
         gold = options.index(example.label)
-        for tally, by_scoring, prior in zip(correct, scores(example.text, options), priors[options]):
+        for tally, by_scoring, prior in zip(correct, scores(example.text, options), priors[key]):
             for scoring, values in by_scoring.items():
                 tally[scoring] += int(np.argmax(values)) == gold
                 tally[f"{scoring}+calibrated"] += int(np.argmax(values - prior[scoring])) == gold
         on_example(i + 1)
     return [{name: count / len(task.examples) for name, count in tally.items()} for tally in correct]
+
+
+def with_nearest_demos(task: Task, embedder: Any) -> Task:
+    """`task` with its few-shot examples chosen per text: the pool's nearest by the embedder's
+    cosine similarity (edgelm_runtime.NearestExamples), the most similar last."""
+    from edgelm_runtime.examples import NearestExamples
+
+    picker = NearestExamples(embedder, [(task.ask.format(text=e.text), str(i)) for i, e in enumerate(task.pool)])
+    cache: dict[tuple[str, int], list[Example]] = {}
+
+    def select(text: str, shots: int) -> list[Example]:
+        if (text, shots) not in cache:
+            cache[text, shots] = [task.pool[int(i)] for _, i in picker.select(task.ask.format(text=text), shots)]
+        return cache[text, shots]
+
+    return dataclasses.replace(task, select=select)

@@ -8,6 +8,7 @@
 from edgelm_runtime.bundle import FORMAT_VERSION, Manifest, read_manifest, verify_bundle
 from edgelm_runtime.encoder import EncoderModel, Entity
 from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, InputError, TemplateError
+from edgelm_runtime.examples import NearestExamples
 from edgelm_runtime.generate import GenerationStats
 from edgelm_runtime.model import LanguageModel, load_bundle
 from edgelm_runtime.prompts import Classification, PromptTemplate
@@ -24,6 +25,7 @@ __all__ = [
     "GenerationStats",
     "InputError",
     "LanguageModel",
+    "NearestExamples",
     "Manifest",
     "PromptTemplate",
     "SamplingParams",

