@@ -130,6 +130,23 @@ def bench_table(result: dict[str, Any]) -> Table:
     return _keep_digits(table)
 
 
+def encoder_bench_table(result: dict[str, Any]) -> Table:
+    """Encoder bundles: sentences/s per (batch, tokens) case, p50/p99 latency, and the ratio to the first."""
+    table = Table("bundle", "MB", "RSS MB", "batch x tokens", "sentences/s", "p50 / p99 ms", "ratio", title="edgelm bench")
+    table.columns[0].no_wrap = True
+    for row in result["bundles"]:
+        for case in row["cases"]:
+            latency = case["latency_ms"]
+            table.add_row(row["name"], f"{row['size_mb']:.0f}", f"{row['peak_rss_mb']:.0f}", f"{case['batch']} x {case['tokens']}",
+                          f"{case['sentences_per_s']:.0f} ({case['sentences_per_s_min']:.0f}-{case['sentences_per_s_max']:.0f})",
+                          f"{latency['p50']:.1f} / {latency['p99']:.1f}", f"x{case['ratio_vs_first']:.2f}")
+    settings, machine = result["settings"], result["machine"]
+    table.caption = (f"sentences/s: batch / the median call, median (min-max) of {settings['repeats']} interleaved runs after "
+                     f"{settings['warmup']} warm-up; inputs of exactly that many tokens; threads "
+                     f"{settings['threads'] or 'onnxruntime default'}; {machine['cores']} cores ({machine['cpu']})")
+    return _keep_digits(table)
+
+
 def profiles_table(profiles: Sequence[Any]) -> Table:
     """edgelm profiles: one row per profile."""
     table = Table("profile", "provider", "precision", "required fusions")

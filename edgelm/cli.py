@@ -218,17 +218,21 @@ def bench(
     """Measure bundles here: load time, TTFT (32/128/512-token prompts), prefill and decode speed, RSS.
 
     Each bundle runs in its own process; repetitions are interleaved across bundles."""
-    from edgelm._render import BenchProgress, bench_plot, bench_table, check_plot_path
+    from edgelm._render import BenchProgress, bench_plot, bench_table, check_plot_path, encoder_bench_table
     from edgelm_runtime.bench import bench as run_bench
+    from edgelm_runtime.bundle import read_manifest
+    from edgelm_runtime.encoder_bench import bench_encoder_bundles
 
     if plot is not None:
         check_plot_path(plot)
+    encoders = read_manifest(bundles[0]).encoder is not None  # sentences/s at batch 1 and 32 instead of tokens/s
     with BenchProgress(err_console if as_json else console, transient=as_json) as progress:
-        result = run_bench(bundles, threads, repeats, warmup, decode_tokens, progress=progress.update, provider=provider)
+        result = bench_encoder_bundles(bundles, threads, repeats, warmup, progress=progress.update) if encoders else \
+            run_bench(bundles, threads, repeats, warmup, decode_tokens, progress=progress.update, provider=provider)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        console.print(bench_table(result))
+        console.print(encoder_bench_table(result) if encoders else bench_table(result))
     if plot is not None:
         bench_plot(result, plot)
         (err_console if as_json else console).print(f"chart written to {plot}")

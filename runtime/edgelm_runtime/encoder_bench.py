@@ -214,6 +214,32 @@ def bench_encoder_workers(workers: Sequence[tuple[str, list[str]]], repeats: int
             "machine": _machine()}
 
 
+def bench_encoder_bundles(bundles: Sequence[str | Path], threads: int | None = None, repeats: int = 5, warmup: int = 1,
+                          min_calls: int = 10, min_seconds: float = 1.0,
+                          progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """`edgelm bench` of encoder bundles: each in its own worker process, interleaved, on the same
+    texts (made with the first bundle's tokenizer); ratios against the first bundle."""
+    import tempfile
+
+    import edgelm_runtime as er
+    from edgelm_runtime.bundle import read_manifest, verify_bundle
+    from edgelm_runtime.errors import BundleError
+
+    for bundle in bundles:
+        verify_bundle(Path(bundle))
+        if read_manifest(bundle).encoder is None:
+            raise BundleError(f"{bundle} is a text-generation bundle; benchmark encoder and decoder bundles separately",
+                              hint="edgelm bench ENCODER_BUNDLE [ENCODER_BUNDLE ...]")
+    first = er.load_bundle(bundles[0])
+    texts = {n: exact_texts(first.tokenizer, n, max(BATCH_SIZES)) for n in usable_lengths(first, LENGTHS)}
+    with tempfile.TemporaryDirectory(prefix="edgelm-bench-") as folder:
+        texts_file = Path(folder) / "texts.json"
+        texts_file.write_text(json.dumps({str(n): t for n, t in texts.items()}), encoding="utf-8")
+        workers = [(str(b), worker_command(b, texts_file, threads, min_calls, min_seconds)) for b in bundles]
+        return bench_encoder_workers(workers, repeats, warmup, _settings(repeats, warmup, min_calls, min_seconds, threads),
+                                     progress)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="edgelm encoder benchmark worker (use edgelm bench)")
     parser.add_argument("--worker", required=True)

@@ -96,3 +96,17 @@ def test_a_failing_worker_is_reported_by_name(tmp_path):
     missing = tmp_path / "no-such-bundle"
     with pytest.raises(BundleError, match="benchmark worker stopped"):
         bench_encoder_workers([(str(missing), worker_command(missing, texts_file, 1, 1, 0.0))], repeats=1)
+
+
+def test_edgelm_bench_measures_encoder_bundles_and_refuses_a_decoder_beside_them(tiny_encoder_bundles, tiny_bundle):
+    from tests.integration.test_cli import _assert_clean_error, _run
+
+    bundle = tiny_encoder_bundles["feature-extraction"]
+    result = _run("bench", str(bundle), str(bundle), "--repeats", "1", "--warmup", "0", "--threads", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert [row["task"] for row in data["bundles"]] == ["feature-extraction"] * 2
+    assert {(c["batch"], c["tokens"]) for c in data["bundles"][1]["cases"]} == {(1, 16), (1, 128), (32, 16), (32, 128)}
+    assert all(c["sentences_per_s"] > 0 and c["ratio_vs_first"] > 0 for c in data["bundles"][1]["cases"])
+    _assert_clean_error(_run("bench", str(bundle), str(tiny_bundle), "--repeats", "1"),
+                        "is a text-generation bundle; benchmark encoder and decoder bundles separately")
