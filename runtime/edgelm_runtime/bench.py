@@ -193,11 +193,25 @@ def bench_workers(workers: Sequence[tuple[str, list[str]]], threads: int | None,
     if repeats < 1 or warmup < 0 or decode_tokens < 1:
         raise GenerationError(f"repeats {repeats}, warmup {warmup}, decode tokens {decode_tokens}: need "
                               "repeats >= 1, warmup >= 0, decode tokens >= 1", hint="e.g. --repeats 5 --warmup 1")
+    rows = [_row(hello, final, results) for hello, final, results in run_interleaved(workers, repeats, warmup, progress)]
+    base = rows[0]["decode_tokens_per_s"]
+    for row in rows:
+        row["decode_ratio_vs_first"] = row["decode_tokens_per_s"] / base
+    return {"bundles": rows, "settings": {"threads": threads, "repeats": repeats, "warmup": warmup,
+                                          "decode_tokens": decode_tokens, "decode_prompt_tokens": DECODE_PROMPT},
+            "machine": _machine()}
+
+
+def run_interleaved(workers: Sequence[tuple[str, list[str]]], repeats: int, warmup: int,
+                    progress: Callable[[str, int, int], None] | None = None) -> list[tuple[dict, dict, list]]:
+    """Start (label, command) workers that speak `serve_worker`'s protocol one after the other (load
+    times are not contended), then run warmup + repeats repetitions, each worker in turn
+    (interleaved: machine noise hits every engine alike); (hello, final, timed results) per worker."""
     started: list[_Worker] = []
-    runs: list[list[dict[str, Any]]] = [[] for _ in workers]
+    runs: list[list[Any]] = [[] for _ in workers]
     total, done = len(workers) * (warmup + repeats), 0
     try:
-        for label, command in workers:  # loaded one after the other: load times are not contended
+        for label, command in workers:
             started.append(_Worker(command, label))
         for repetition in range(warmup + repeats):
             for index, worker in enumerate(started):
@@ -212,13 +226,7 @@ def bench_workers(workers: Sequence[tuple[str, list[str]]], threads: int | None,
     finally:
         for worker in started:
             worker.kill()
-    rows = [_row(worker.hello, final, results) for worker, final, results in zip(started, finals, runs)]
-    base = rows[0]["decode_tokens_per_s"]
-    for row in rows:
-        row["decode_ratio_vs_first"] = row["decode_tokens_per_s"] / base
-    return {"bundles": rows, "settings": {"threads": threads, "repeats": repeats, "warmup": warmup,
-                                          "decode_tokens": decode_tokens, "decode_prompt_tokens": DECODE_PROMPT},
-            "machine": _machine()}
+    return [(worker.hello, final, results) for worker, final, results in zip(started, finals, runs)]
 
 
 def _row(hello: dict[str, Any], final: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm_runtime.bench import TEXT, _machine, _peak_rss_mb, _Worker, serve_worker
+from edgelm_runtime.bench import TEXT, _machine, _peak_rss_mb, run_interleaved, serve_worker
 
 LENGTHS = (16, 128)
 BATCH_SIZES = (1, 32)
@@ -185,26 +185,7 @@ def bench_encoder_workers(workers: Sequence[tuple[str, list[str]]], repeats: int
                           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run (label, command) workers that speak `serve_encoder`'s protocol, one repetition each in
     turn (interleaved: machine noise hits every engine alike); ratios against the first row."""
-    started: list[_Worker] = []
-    runs: list[list[dict[str, list[float]]]] = [[] for _ in workers]
-    total, done = len(workers) * (warmup + repeats), 0
-    try:
-        for label, command in workers:  # loaded one after the other: load times are not contended
-            started.append(_Worker(command, label))
-        for repetition in range(warmup + repeats):
-            for index, worker in enumerate(started):
-                result = worker.run()
-                if repetition >= warmup:
-                    runs[index].append(result)
-                done += 1
-                if progress:
-                    what = "warm-up" if repetition < warmup else f"run {repetition - warmup + 1}"
-                    progress(f"{worker.hello['name']} ({what})", done, total)
-        finals = [worker.stop() for worker in started]
-    finally:
-        for worker in started:
-            worker.kill()
-    rows = [summarize(worker.hello, final, results) for worker, final, results in zip(started, finals, runs)]
+    rows = [summarize(hello, final, results) for hello, final, results in run_interleaved(workers, repeats, warmup, progress)]
     base = {(c["batch"], c["tokens"]): c["sentences_per_s"] for c in rows[0]["cases"]}
     for row in rows:
         for case in row["cases"]:
