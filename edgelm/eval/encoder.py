@@ -38,7 +38,7 @@ def fp32_reference(manifest: Manifest, model: str | None, work: Path, progress: 
     folder = work / "reference"
     built = assemble_encoder_bundle(folder, state.reference_onnx, state, f"{manifest.name}-fp32-reference", "reference",
                                     "CPUExecutionProvider", {}, static=False)
-    return edgelm_runtime.load_bundle(folder, manifest=built), plan
+    return edgelm_runtime.load_bundle(folder, manifest=built)
 
 
 def evaluate_encoder(bundle: str | Path, reference: str | None = None, eval_text: str = "builtin",
@@ -46,8 +46,7 @@ def evaluate_encoder(bundle: str | Path, reference: str | None = None, eval_text
     """(result, gate failures): the --json schema, and the bundle's own encoder gates it misses."""
     import edgelm_runtime
     from edgelm.stages.encoder.load import read_labelled
-    from edgelm.stages.encoder.quality import (GATES, compare_encoders, encoder_gate_failures, held_out_sentences,
-                                               retrieval_pairs)
+    from edgelm.stages.encoder.quality import GATES, compare_encoders, encoder_gate_failures, held_out_texts
     from edgelm_runtime.hardware import host_features
 
     candidate = edgelm_runtime.load_bundle(bundle, provider=provider)
@@ -58,9 +57,9 @@ def evaluate_encoder(bundle: str | Path, reference: str | None = None, eval_text
         if reference is not None and (Path(reference) / MANIFEST_FILE).is_file():
             ref, described = edgelm_runtime.load_bundle(reference), str(reference)
         else:
-            ref, _ = fp32_reference(manifest, reference, Path(work), progress)
+            ref = fp32_reference(manifest, reference, Path(work), progress)
             described = f"{reference or manifest.provenance.get('source', {}).get('path', 'source')} (fp32, exported now)"
-        texts = retrieval_pairs(eval_text) if task == "feature-extraction" else held_out_sentences(eval_text)
+        texts = held_out_texts(task, eval_text)
         labelled_path = quality.get("labelled_data")
         labelled = read_labelled(Path(labelled_path), manifest.encoder.labels) if labelled_path else []
         progress("eval", 0, None, f"{task}: bundle vs fp32")

@@ -57,13 +57,12 @@ def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextF
     embeddings="int4") to `target`; returns the facts the manifest records."""
     import onnx
 
+    from edgelm.onnx_graph import save_external
     from edgelm.quant.graph import size_mb, weight_matmuls
 
     target.parent.mkdir(parents=True, exist_ok=True)
     matmuls = list(weight_matmuls(onnx.load(str(source), load_external_data=False)))
     if scheme == "none":
-        from edgelm.onnx_graph import save_external
-
         save_external(onnx.load(str(source)), target)
         expect = None
     elif scheme == "dynamic-int8":
@@ -97,7 +96,6 @@ def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextF
         expect = "QuantizeLinear"
     elif scheme == "weight-only-int4":
         from edgelm.config.profile import WeightOnly
-        from edgelm.onnx_graph import save_external
         from edgelm.quant.matmul_nbits import quantize_weight_only
 
         settings = WeightOnly(mode="weight-only", bits=4, block_size=32, symmetric=True, accuracy_level=4)
@@ -105,8 +103,6 @@ def quantize_encoder(scheme: str, source: Path, target: Path, calibration: TextF
         expect = "MatMulNBits"
     elif scheme == "float16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        from edgelm.onnx_graph import save_external
 
         model = onnx.load(str(source))
         edge = [v.name for v in [*model.graph.input, *model.graph.output]]

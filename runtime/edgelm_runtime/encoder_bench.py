@@ -203,12 +203,11 @@ def bench_encoder_bundles(bundles: Sequence[str | Path], threads: int | None = N
     import tempfile
 
     import edgelm_runtime as er
-    from edgelm_runtime.bundle import read_manifest, verify_bundle
+    from edgelm_runtime.bundle import verify_bundle
     from edgelm_runtime.errors import BundleError
 
     for bundle in bundles:
-        verify_bundle(Path(bundle))
-        if read_manifest(bundle).encoder is None:
+        if verify_bundle(Path(bundle)).encoder is None:
             raise BundleError(f"{bundle} is a text-generation bundle; benchmark encoder and decoder bundles separately",
                               hint="edgelm bench ENCODER_BUNDLE [ENCODER_BUNDLE ...]")
     first = er.load_bundle(bundles[0])

@@ -99,8 +99,8 @@ def export_encoder(model: Any, inputs: tuple[str, ...], task: str, target: Path,
     save_external(program.model_proto, target)
 
 
-def check_parity(onnx_path: Path, state: BuildState, inputs: tuple[str, ...], reference: np.ndarray,
-                 feeds: dict[str, np.ndarray], what: str) -> float:
+def check_parity(onnx_path: Path, state: BuildState, reference: np.ndarray, feeds: dict[str, np.ndarray],
+                 what: str) -> float:
     task = state.encoder.task
     session = reference_session(onnx_path)
     out = session.run(None, feeds)[0]
@@ -128,7 +128,7 @@ class ExportEncoder:
         export_encoder(state.model, inputs, state.encoder.task, target, state.plan.profile.export.opset)
         feeds = probe_feeds(state.tokenizer, inputs, state.max_seq_len)
         reference = torch_output(state.model, feeds, state.encoder.task)
-        diff = check_parity(target, state, inputs, reference, feeds, self.name)
+        diff = check_parity(target, state, reference, feeds, self.name)
         state.reference_onnx = state.current_onnx = target
         if state.plan.profile.encoder.static_seq_len:  # the shipped graph; the dynamic one stays the reference
             length = state.max_seq_len = min(state.max_seq_len, state.plan.profile.encoder.static_seq_len)
@@ -177,7 +177,7 @@ class FuseEncoder:
                              hint="this model's graph does not match onnxruntime's encoder patterns; use a profile "
                                   "without them in encoder.required_fusions, and report the model")
         feeds, reference = state.result(EncoderExportResult).probe
-        diff = check_parity(target, state, tuple(feeds), reference, feeds, self.name)
+        diff = check_parity(target, state, reference, feeds, self.name)
         state.current_onnx = target
         return FuseResult(fused=fused, max_abs_diff_vs_export=diff)
 

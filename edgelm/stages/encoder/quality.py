@@ -55,6 +55,11 @@ def retrieval_pairs(source: str, count: int = RETRIEVAL_PAIRS) -> tuple[list[str
     return queries, documents
 
 
+def held_out_texts(task: str, source: str) -> Any:
+    """What the check runs on: (queries, documents) for embeddings, else held-out sentences."""
+    return retrieval_pairs(source) if task == "feature-extraction" else held_out_sentences(source)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -135,8 +140,7 @@ class CheckEncoderQuality:
         from edgelm.stages.package import session_options
 
         settings = state.plan.quality
-        texts = retrieval_pairs(settings.eval_text) if state.encoder.task == "feature-extraction" else \
-            held_out_sentences(settings.eval_text)
+        texts = held_out_texts(state.encoder.task, settings.eval_text)
         labelled = read_labelled(Path(settings.labelled_data), state.encoder.labels) if settings.labelled_data else []
         reference_dir = state.work_dir / "reference"
         reference_manifest = assemble_encoder_bundle(reference_dir, state.reference_onnx, state,
