@@ -36,9 +36,10 @@ class TemplateSpec(Frozen):
     shots: int = Field(0, ge=0, le=32, description="pool examples used by default (round-robin over labels)")
     separator: str = "\n\n"
     scoring: Literal[SCORINGS] | None = Field(  # type: ignore[valid-type]
-        None, description="the scoring convention classify() uses with this template (default: the runtime's)")
+        None, description="the scoring convention classify() uses with this template (default: by the labels' tokens)")
     chat: bool = Field(False, description="ask in a user turn of the chat template; the label is the reply")
-    calibrate: bool = Field(False, description="classify() calibrates against a content-free input by default")
+    calibrate: bool | None = Field(
+        None, description="classify() calibrates against a content-free input by default (default: by the labels' tokens)")
     # generate: free text with {variables}
     template: str = ""
     stop: tuple[str, ...] = ()

@@ -89,7 +89,6 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     examples nearest each evaluated text by `embedder`'s embeddings (a feature-extraction bundle)."""
     import edgelm_runtime
     from edgelm.eval.tasks import FORMATS, with_nearest_demos
-    from edgelm_runtime.scoring import DEFAULT_SCORING
 
     for asked, known, what in ((formats, FORMATS, "prompt format"), (tasks, TASK_NAMES, "task")):
         unknown = [name for name in asked if name not in known]
@@ -118,15 +117,15 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
                 accuracy, reference_accuracy = task_accuracy(
                     task, k, encode, scorers, candidate.manifest.max_seq_len, fmt, candidate.render_chat,
                     on_example=lambda i: progress(key, i, len(task.examples), f"{i}/{len(task.examples)}"))
-                # accuracy: the runtime's default convention (classify()); by_scoring: every convention
+                # accuracy: what classify() decides by default (scoring.label_convention); by_scoring: every convention
                 result["tasks"][key] = {
-                    "accuracy": round(accuracy[DEFAULT_SCORING], 4),
-                    "reference_accuracy": round(reference_accuracy[DEFAULT_SCORING], 4),
-                    "n": len(task.examples), "scoring": DEFAULT_SCORING, "format": fmt,
+                    "accuracy": round(accuracy["default"], 4),
+                    "reference_accuracy": round(reference_accuracy["default"], 4),
+                    "n": len(task.examples), "scoring": "default", "format": fmt,
                     "selection": selection if k else None,
                     "by_scoring": {scoring: {"accuracy": round(accuracy[scoring], 4),
                                              "reference_accuracy": round(reference_accuracy[scoring], 4)}
-                                   for scoring in accuracy}}
+                                   for scoring in accuracy if scoring != "default"}}
     return result
 
 

@@ -95,35 +95,43 @@ def task_accuracy(task: Task, shots: int, encode: Callable[[str], list[int]], sc
                   context: int, fmt: str = "plain", render_chat: Callable[[Messages], str] | None = None,
                   on_example: Callable[[int], None] = lambda i: None) -> list[dict[str, float]]:
     """Accuracy of each scorer on the task (the same prompts and tokens for all of them) in the
-    prompt format `fmt`, under every scoring convention (edgelm_runtime.scoring.SCORINGS) and each
+    prompt format `fmt`, under every scoring convention (edgelm_runtime.scoring.SCORINGS), each
     contextually calibrated ("<convention>+calibrated": each answer's score after the content-free
-    input subtracted). A prompt longer than the context loses its oldest tokens."""
+    input subtracted), and "default": the convention classify() applies when none is asked for
+    (scoring.label_convention of the answers' token counts). A prompt longer than the context loses
+    its oldest tokens."""
     from edgelm_runtime.model import CONTENT_FREE
-    from edgelm_runtime.scoring import SCORINGS, aggregate, split_continuations
+    from edgelm_runtime.scoring import SCORINGS, aggregate, label_convention, split_continuations
 
     priors: dict[tuple[Any, ...], list[dict[str, np.ndarray]]] = {}
 
     def scores(text: str, options: tuple[str, ...], content_free: bool = False,
-               demos_for: str | None = None) -> list[dict[str, np.ndarray]]:
+               demos_for: str | None = None) -> tuple[list[dict[str, np.ndarray]], str]:
         prompt, before = task.prompt(text, options, shots, fmt, render_chat, content_free, demos_for)
         answers = [before + option for option in options]
         prompt_ids, answer_ids = split_continuations(encode, prompt, answers)
         prompt_ids = prompt_ids[-(context - max(len(ids) for ids in answer_ids)):]
-        return [{scoring: np.asarray([aggregate(lp, answer, scoring) for lp, answer in zip(logprobs, answers)])
-                 for scoring in SCORINGS} for logprobs in (scorer(prompt_ids, answer_ids) for scorer in scorers)]
+        scoring, calibrate = label_convention([len(ids) for ids in answer_ids])
+        return ([{scoring: np.asarray([aggregate(lp, answer, scoring) for lp, answer in zip(logprobs, answers)])
+                  for scoring in SCORINGS} for logprobs in (scorer(prompt_ids, answer_ids) for scorer in scorers)],
+                scoring + ("+calibrated" if calibrate else ""))
 
-    correct = [dict.fromkeys([*SCORINGS, *(f"{s}+calibrated" for s in SCORINGS)], 0) for _ in scorers]
+    correct = [dict.fromkeys(["default", *SCORINGS, *(f"{s}+calibrated" for s in SCORINGS)], 0) for _ in scorers]
     for i, example in enumerate(task.examples):
         options = task.options(example)
         # the prior of the prompt the example is asked in: its own examples when they are chosen per text
         key = (options, tuple(task.demos(shots, example.text))) if task.select is not None else (options,)
         if key not in priors:
-            priors[key] = scores(CONTENT_FREE, options, content_free=True, demos_for=example.text)
+            priors[key] = scores(CONTENT_FREE, options, content_free=True, demos_for=example.text)[0]
         gold = options.index(example.label)
-        for tally, by_scoring, prior in zip(correct, scores(example.text, options), priors[key]):
+        found, default = scores(example.text, options)
+        for tally, by_scoring, prior in zip(correct, found, priors[key]):
+            right = {}
             for scoring, values in by_scoring.items():
-                tally[scoring] += int(np.argmax(values)) == gold
-                tally[f"{scoring}+calibrated"] += int(np.argmax(values - prior[scoring])) == gold
+                right[scoring] = int(np.argmax(values)) == gold
+                right[f"{scoring}+calibrated"] = int(np.argmax(values - prior[scoring])) == gold
+            for name, hit in {**right, "default": right[default]}.items():
+                tally[name] += hit
         on_example(i + 1)
     return [{name: count / len(task.examples) for name, count in tally.items()} for tally in correct]
 

@@ -22,7 +22,8 @@ from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationErr
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
-from edgelm_runtime.scoring import DEFAULT_SCORING, aggregate, check_scoring, continuation_logprobs, split_continuations
+from edgelm_runtime.scoring import (DEFAULT_SCORING, aggregate, check_scoring, continuation_logprobs, label_convention,
+                                    split_continuations)
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
@@ -272,44 +273,55 @@ class LanguageModel:
 
         The prompt and continuations are split into tokens as lm-eval splits them
         (scoring.split_continuations), so a merge across the boundary is scored as the model sees it."""
-        return self._score(prompt, continuations, scoring, special_tokens=True)
-
-    def _score(self, prompt: str, continuations: Sequence[str], scoring: str, special_tokens: bool) -> list[float]:
         check_scoring(scoring)
+        logprobs = self._logprobs(prompt, continuations, special_tokens=True)
+        return [aggregate(lp, text, scoring) for lp, text in zip(logprobs, continuations)]
+
+    def _logprobs(self, prompt: str, continuations: Sequence[str], special_tokens: bool) -> list[np.ndarray]:
         context, tokens = split_continuations(lambda text: self._tokenizer.encode(text, special_tokens), prompt,
                                               continuations)
-        return [aggregate(lp, text, scoring) for lp, text in zip(self.continuation_logprobs(context, tokens), continuations)]
+        return self.continuation_logprobs(context, tokens)
 
     def classify(self, text: str, labels: Sequence[str] | None = None,
                  examples: Sequence[tuple[str, str]] | None = None, template: str | None = None,
                  shots: int | None = None, scoring: str | None = None, calibrate: bool | None = None) -> Classification:
-        """The label whose tokens score best after the prompt (`scoring`, as in score(); by default
-        the template's own, else DEFAULT_SCORING).
+        """The label whose tokens score best after the prompt (`scoring`, as in score()).
 
         `template` names a classify template of the bundle (its labels, few-shot pool, scoring,
         format and calibration are the defaults); `examples` are the caller's own few-shot (text, label) pairs;
         `shots` takes k of the template's pool, round-robin over the labels. A template with
         `chat: true` asks in a user turn of the chat template and scores the label as the reply.
         calibrate=True is contextual calibration ("calibrate before use"): each label's score after
-        a content-free input ("N/A") is subtracted, which divides out the prompt's own prior for it."""
+        a content-free input ("N/A") is subtracted, which divides out the prompt's own prior for it.
+        Where neither the call nor the template chooses, scoring.label_convention does: labels of one
+        token each "per_token" uncalibrated, labels of several tokens "sum" calibrated."""
         chosen = self.template(template) if template else template_from_dict("classify", DEFAULT_CLASSIFY)
         if chosen.kind != "classify":
             raise TemplateError(f"template {template!r} is a generate template", hint=f"use llm.complete({template!r}, ...)")
-        scoring = check_scoring(scoring or chosen.scoring or DEFAULT_SCORING)
+        if scoring is not None or chosen.scoring is not None:
+            scoring = check_scoring(scoring or chosen.scoring)
         labels = list(labels or chosen.labels)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise GenerationError(f"labels {labels!r}: need two or more distinct labels",
                                   hint='pass labels=["positive", "negative"] or a template that has them')
 
-        def scores(query: str) -> list[float]:
+        def scored(query: str) -> list[tuple[np.ndarray, str]]:
+            """Each label's token log-probabilities after the prompt for `query`, and its text as scored."""
             prompt, before = chosen.classify_input(query, labels, examples, shots, self.render_chat)
+            answers = [before + label for label in labels]
             # a chat template writes the special tokens (bos, role markers) itself
-            return self._score(prompt, [before + label for label in labels], scoring, special_tokens=not chosen.chat)
+            return list(zip(self._logprobs(prompt, answers, special_tokens=not chosen.chat), answers))
 
-        values = dict(zip(labels, scores(text)))
-        if chosen.calibrate if calibrate is None else calibrate:
-            values = {label: values[label] - bias for label, bias in zip(labels, scores(CONTENT_FREE))}
-        return Classification(label=max(labels, key=values.__getitem__), scores=values)
+        found = scored(text)
+        auto_scoring, auto_calibrate = label_convention([len(lp) for lp, _ in found])
+        scoring = scoring or auto_scoring
+        calibrate = next(c for c in (calibrate, chosen.calibrate, auto_calibrate) if c is not None)
+        values = {label: aggregate(lp, answer, scoring) for label, (lp, answer) in zip(labels, found)}
+        if calibrate:
+            values = {label: values[label] - aggregate(lp, answer, scoring)
+                      for label, (lp, answer) in zip(labels, scored(CONTENT_FREE))}
+        return Classification(label=max(labels, key=values.__getitem__), scores=values, scoring=scoring,
+                              calibrated=calibrate)
 
     def embed(self, *_: object, **__: object) -> NoReturn:
         raise wrong_task(self._path, "text-generation", "embed()", "feature-extraction")

@@ -40,9 +40,9 @@ class PromptTemplate:
     examples: tuple[tuple[str, str], ...] = ()  # classify: few-shot pool of (text, label)
     shots: int = 0                     # classify: how many pool examples to use by default
     separator: str = "\n\n"            # classify: between examples
-    scoring: str | None = None         # classify: the scoring convention it wants (None: DEFAULT_SCORING)
+    scoring: str | None = None         # classify: the scoring convention it wants (None: scoring.label_convention)
     chat: bool = False                 # classify: ask in a user turn of the chat template; the label is the reply
-    calibrate: bool = False            # classify: contextual calibration by default (classify(calibrate=...))
+    calibrate: bool | None = None      # classify: contextual calibration by default (None: scoring.label_convention)
     template: str = ""                 # generate: the prompt, with {variables}
     stop: tuple[str, ...] = ()         # generate: stop strings
     max_new_tokens: int | None = None  # generate: default length
@@ -121,11 +121,13 @@ class PromptTemplate:
 
 @dataclass(frozen=True)
 class Classification:
-    """The best label and every label's score (its tokens' log-probabilities under the scoring
-    convention used; mean per token by default)."""
+    """The best label, every label's score (its tokens' log-probabilities under `scoring`, minus
+    the content-free input's where `calibrated`), and the convention that was applied."""
 
     label: str
     scores: dict[str, float] = field(default_factory=dict)
+    scoring: str = "per_token"
+    calibrated: bool = False
 
 
 def _fields(text: str) -> list[str]:

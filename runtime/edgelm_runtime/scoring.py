@@ -17,7 +17,16 @@ from edgelm_runtime.session import DecoderSession
 # by the continuation's characters [acc_norm]; "per_byte" by its UTF-8 bytes. The continuation is
 # the text as scored, its leading space included (" positive"), as lm-eval counts it.
 SCORINGS = ("sum", "per_token", "per_char", "per_byte")
-DEFAULT_SCORING = "per_token"  # score() and classify() without a scoring (docs/zero-shot.md measures each)
+DEFAULT_SCORING = "per_token"  # score() without a scoring (docs/zero-shot.md measures each)
+
+
+def label_convention(token_counts: Sequence[int]) -> tuple[str, bool]:
+    """classify()'s default (scoring, calibrate) for labels of these token counts, chosen by the
+    suite in docs/zero-shot.md. One token each: the labels compete in one next-token distribution,
+    so "per_token" (equal to "sum" there) uncalibrated; calibration cost topic 29 points. A label of
+    several tokens: "sum" with contextual calibration, so neither a label's length nor its prior
+    as a string ("Lima" against "Caracas") decides; it won every multiple-choice row."""
+    return ("sum", True) if max(token_counts) > 1 else ("per_token", False)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -42,7 +42,14 @@ def test_eval_json_schema(tiny_bundle):
     assert set(task) == {"accuracy", "reference_accuracy", "n", "scoring", "format", "selection", "by_scoring"}
     conventions = ("sum", "per_token", "per_char", "per_byte")
     assert set(task["by_scoring"]) == {*conventions, *(f"{c}+calibrated" for c in conventions)}
-    assert task["scoring"] == "per_token" and task["by_scoring"]["per_token"]["accuracy"] == task["accuracy"]
+    # "default" is what classify() applies: scoring.label_convention of the labels' token counts
+    from edgelm_runtime import load_bundle
+    from edgelm_runtime.scoring import label_convention
+
+    counts = [len(load_bundle(tiny_bundle).tokenizer.encode(" " + label, add_special_tokens=False)) for label in ("positive", "negative")]
+    scoring, calibrate = label_convention(counts)
+    applied = scoring + ("+calibrated" if calibrate else "")
+    assert task["scoring"] == "default" and task["by_scoring"][applied]["accuracy"] == task["accuracy"]
     # the bundle against its own source model in fp32: every convention agrees on which label wins
     assert all(entry["accuracy"] == entry["reference_accuracy"] for entry in task["by_scoring"].values())
 
@@ -161,6 +168,8 @@ def test_the_classify_format_measures_what_classify_decides(tiny_bundle):
                                   calibrate=calibrate).label == q.label for q in task.examples]
             key = scoring + ("+calibrated" if calibrate else "")
             assert accuracy[key] == pytest.approx(sum(picks) / len(picks)), key
+    picks = [llm.classify(task.ask.format(text=q.text), labels=list(q.options)).label == q.label for q in task.examples]
+    assert accuracy["default"] == pytest.approx(sum(picks) / len(picks))
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [("--formats", "plain,cloze", "unknown prompt format 'cloze'"),

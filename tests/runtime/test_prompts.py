@@ -29,7 +29,7 @@ def test_score_is_the_mean_log_probability_of_the_continuation_tokens(llm: er.La
 
 
 def test_classify_picks_the_label_with_the_highest_score(llm: er.LanguageModel) -> None:
-    result = llm.classify("what a wonderful day", template="sentiment")
+    result = llm.classify("what a wonderful day", template="sentiment", scoring="per_token", calibrate=False)
     assert set(result.scores) == {"positive", "negative"}
     assert result.label == max(result.scores, key=result.scores.get)
     template = llm.templates["sentiment"]

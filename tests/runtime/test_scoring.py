@@ -63,6 +63,25 @@ def test_contextual_calibration_subtracts_the_content_free_prior(llm):
     assert all(v == pytest.approx(0.0, abs=1e-9) for v in llm.classify("N/A", labels=labels, calibrate=True).scores.values())
 
 
+def test_the_default_convention_follows_the_labels_token_counts(llm):
+    """classify() without a scoring: one-token labels per_token uncalibrated; once any label spans
+    several tokens, sum calibrated (docs/zero-shot.md measured both)."""
+    from edgelm_runtime.scoring import label_convention
+
+    assert label_convention([1, 1, 1]) == ("per_token", False) and label_convention([1, 3]) == ("sum", True)
+    words = [w for w in ("the", "a", "is", "and", "to", "of", "in") if len(llm.tokenizer.encode(" " + w)) == 1]
+    one, several = words[:2], [words[0], "quite negative indeed"]
+    single = llm.classify("a fine film", labels=one)
+    assert (single.scoring, single.calibrated) == ("per_token", False)
+    assert single.scores == llm.classify("a fine film", labels=one, scoring="per_token", calibrate=False).scores
+    multi = llm.classify("a fine film", labels=several)
+    assert (multi.scoring, multi.calibrated) == ("sum", True)
+    assert multi.scores == llm.classify("a fine film", labels=several, scoring="sum", calibrate=True).scores
+    # the caller's choice wins over the rule, each part on its own
+    assert llm.classify("a fine film", labels=several, calibrate=False).calibrated is False
+    assert llm.classify("a fine film", labels=several, scoring="per_char").scoring == "per_char"
+
+
 def test_an_unknown_scoring_convention_is_refused(llm):
     with pytest.raises(GenerationError, match="scoring 'mean' is not a scoring convention"):
         llm.score("a", [" b"], scoring="mean")
@@ -98,7 +117,7 @@ def test_a_chat_classify_template_scores_each_label_as_the_reply(llm, monkeypatc
     from edgelm_runtime.scoring import split_continuations
 
     chat = {"kind": "classify", "instruction": "Answer with one of: {labels}.", "query": "{text}", "chat": True,
-            "scoring": "sum"}
+            "scoring": "sum", "calibrate": False}
     monkeypatch.setattr(model, "DEFAULT_CLASSIFY", chat)
     labels = ["positive", "negative"]
     got = llm.classify("a fine film", labels=labels)
