@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from edgelm_runtime.constrained import TokenConstraint
 from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.sampling import Sampler
 from edgelm_runtime.session import DecoderSession
@@ -41,11 +42,15 @@ class GenerationStats:
 
 def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
                   eos_token_ids: Sequence[int], max_seq_len: int,
-                  report: Callable[[GenerationStats], None] | None = None) -> Iterator[int]:
+                  report: Callable[[GenerationStats], None] | None = None,
+                  constraint: TokenConstraint | None = None,
+                  observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
     """Yield new token ids (eos excluded) until eos, max_new_tokens or the context is full.
 
     The sequence never exceeds max_seq_len tokens; `report` gets the stats when the loop ends,
-    also when the caller closes the iterator early."""
+    also when the caller closes the iterator early. `constraint` masks the logits before each
+    sample and ends the loop (as eos) once its grammar is complete; `observe(logits, token)` sees
+    each step's logits (as sampled from, the mask applied) and its token, eos included."""
     eos = frozenset(eos_token_ids)
     start = perf_counter()
     stepper = decoder.stepper(capacity=min(max_seq_len, len(prompt_ids) + max_new_tokens))
@@ -53,7 +58,18 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
     prefill_s = perf_counter() - start
     seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
     seen[np.asarray(prompt_ids)] = True
-    token = sampler.sample(logits, seen)
+
+    def pick(logits: np.ndarray) -> int:
+        if constraint is not None:
+            logits = constraint.apply(logits)
+        token = sampler.sample(logits, seen)
+        if constraint is not None:
+            constraint.advance(token)
+        if observe is not None:
+            observe(logits, token)
+        return token
+
+    token = pick(logits)
     first_token_s = perf_counter() - start
     sampling_s = first_token_s - prefill_s
     produced, decode_runs, decode_s, reason = 0, 0, 0.0, "stopped"
@@ -72,11 +88,14 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
             if len(prompt_ids) + produced >= max_seq_len:
                 reason = "max_seq_len"
                 break
+            if constraint is not None and constraint.finished:
+                reason = "eos"  # the grammar is complete: nothing more may follow
+                break
             step = perf_counter()
             step_ids[0] = token
             logits = stepper.feed(step_ids)
             sampled = perf_counter()
-            token = sampler.sample(logits, seen)
+            token = pick(logits)
             done = perf_counter()
             decode_s += done - step
             sampling_s += done - sampled

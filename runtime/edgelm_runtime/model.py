@@ -8,18 +8,19 @@ first token of a stream. Options left as None take the manifest's generation def
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from edgelm_runtime.constrained import GrammarTokenizer, TokenConstraint, grammar_spec
 from edgelm_runtime.bundle import MANIFEST_FILE, Manifest, resolve_inside, verify_bundle
 from edgelm_runtime.encoder import EncoderModel, open_encoder, wrong_task
 from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
+from edgelm_runtime.history import PromptDeadlineError, fit_messages
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
 from edgelm_runtime.scoring import (DEFAULT_SCORING, aggregate, check_scoring, continuation_logprobs, label_convention,
@@ -86,6 +87,7 @@ class LanguageModel:
         self._tokenizer = tokenizer
         self._chat_template = chat_template
         self.last_stats: GenerationStats | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None  # built on the first constrained generation
 
     @property
     def path(self) -> Path:
@@ -117,30 +119,49 @@ class LanguageModel:
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, stop: list[str] | None = None) -> str:
+                 seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> str:
+        """The text after `prompt`. `constraint`: at most one of json_schema=, regex=, choices=,
+        grammar= (constrained.grammar_spec), which the output then follows token by token."""
         return "".join(self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                                            repetition_penalty, seed, stop))
+                                            repetition_penalty, seed, stop, **constraint))
 
     def generate_stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None,
                         repetition_penalty: float | None = None, seed: int | None = None,
-                        stop: list[str] | None = None) -> Iterator[str]:
+                        stop: list[str] | None = None, **constraint: Any) -> Iterator[str]:
+        matcher = self.constraint(**constraint)  # before any work: a bad schema generates nothing
         ids = self._tokenizer.encode(prompt, add_special_tokens=True)
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
-        return self._stream_text(ids, max_new_tokens, sampling, stop)
+        return self._stream_text(ids, max_new_tokens, sampling, stop, matcher)
 
     def chat(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, stop: list[str] | None = None) -> str:
+             seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> str:
+        """The assistant's reply to `messages` (constraint as in generate())."""
         return "".join(self.chat_stream(messages, max_new_tokens, temperature, top_k, top_p,
-                                        repetition_penalty, seed, stop))
+                                        repetition_penalty, seed, stop, **constraint))
 
     def chat_stream(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                    seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+                    seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> Iterator[str]:
+        matcher = self.constraint(**constraint)
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
         ids = self.chat_prompt_ids(messages, max_new_tokens)
-        return self._stream_text(ids, max_new_tokens, sampling, stop)
+        return self._stream_text(ids, max_new_tokens, sampling, stop, matcher)
+
+    def constraint(self, json_schema: Any = None, regex: str | None = None, choices: Sequence[str] | None = None,
+                   grammar: str | None = None) -> TokenConstraint | None:
+        """A fresh matcher for one generation (None without a constraint); a schema or grammar
+        that does not compile is a GenerationError here, before anything is generated."""
+        spec = grammar_spec(json_schema, regex, choices, grammar)
+        if spec is None:
+            return None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self._tokenizer.to_json(), self._manifest.vocab_size,
+                                                       self._manifest.eos_token_ids)
+        what = next(name for name, value in (("json_schema", json_schema), ("regex", regex), ("choices", choices),
+                                             ("grammar", grammar)) if value is not None)
+        return self._grammar_tokenizer.constraint(spec, what)
 
     def fit_history(self, messages: Messages, max_new_tokens: int | None = None) -> Messages:
         """The conversation trimmed so its prompt leaves room for the answer (`max_new_tokens`, at
@@ -150,79 +171,39 @@ class LanguageModel:
         return self._fit(messages, max_new_tokens)[0]
 
     def chat_prompt_ids(self, messages: Messages, max_new_tokens: int | None = None,
-                        deadline: float | None = None) -> list[int]:
+                        deadline: float | None = None, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat prompt for `messages`, trimmed as `fit_history` trims them.
-        `deadline` (a time.monotonic() value): past it, trimming stops with PromptDeadlineError."""
-        return self._fit(messages, max_new_tokens, deadline)[1]
+        `deadline` (a time.monotonic() value): past it, trimming stops with PromptDeadlineError.
+        `tools` (OpenAI function definitions) go to the chat template's `tools` variable."""
+        return self._fit(messages, max_new_tokens, deadline, tools)[1]
 
-    def _fit(self, messages: Messages, max_new_tokens: int | None,
-             deadline: float | None = None) -> tuple[Messages, list[int]]:
-        """(kept messages, their prompt ids). The rule: drop the oldest turn, then any turns up to
-        the next user turn, until the prompt fits (a leading system message always stays).
-
-        Its candidates are the suffixes starting at turn 0, at each later user turn and at the
-        last turn; the kept one is the first that fits (or that the template refuses: its error is
-        raised). A shorter suffix never renders longer, so instead of rendering every candidate in
-        turn (quadratic: 3,000 messages took 46 s) this gallops back from the last one and then
-        bisects: at most 2 log2(candidates) + 3 renders, the same messages kept."""
-        whole = self._chat_ids(messages)  # first: malformed messages get the template's own errors
+    def _fit(self, messages: Messages, max_new_tokens: int | None, deadline: float | None = None,
+             tools: list[dict[str, Any]] | None = None) -> tuple[Messages, list[int]]:
         room = min(max_new_tokens or self._manifest.generation.max_new_tokens, self._manifest.max_seq_len // 4)
-        budget = self._manifest.max_seq_len - room
-        system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
-        turns = list(messages[len(system):])
-        if not turns:
-            raise GenerationError("the conversation has no user message", hint='pass [{"role": "user", "content": "..."}]')
-        if len(whole) <= budget:
-            return list(messages), whole
-        starts = [0, *(i for i in range(1, len(turns) - 1) if turns[i].get("role") == "user"), len(turns) - 1]
-        tried: dict[int, list[int] | EdgelmRuntimeError] = {}
+        return fit_messages(lambda kept: self._chat_ids(kept, tools), messages, self._manifest.max_seq_len, room,
+                            deadline)
 
-        def stops_here(k: int) -> bool:
-            """Whether the one-turn-at-a-time rule would stop at candidate k (fits, or fails)."""
-            if deadline is not None and time.monotonic() > deadline:
-                raise PromptDeadlineError("trimming the conversation ran past its deadline",
-                                          hint="send a shorter conversation")
-            try:
-                tried[k] = self._chat_ids(system + turns[starts[k]:])
-            except EdgelmRuntimeError as exc:
-                tried[k] = exc
-                return True
-            return len(tried[k]) <= budget
-
-        lo, hi = 0, len(starts) - 1  # candidate 0 (everything) does not fit
-        if len(turns) > 1 and stops_here(hi):
-            step = 1
-            while hi - step > lo and stops_here(hi - step):  # gallop: the kept part is usually short
-                hi, step = hi - step, step * 2
-            lo = max(lo, hi - step)
-            while hi - lo > 1:
-                middle = (lo + hi) // 2
-                lo, hi = (lo, middle) if stops_here(middle) else (middle, hi)
-            kept = tried[hi]
-            if isinstance(kept, EdgelmRuntimeError):
-                raise kept
-            return system + turns[starts[hi]:], kept
-        raise GenerationError(f"the last message does not fit the context ({self._manifest.max_seq_len} tokens "
-                              f"with {room} kept for the answer)",
-                              hint="shorten the message or the system prompt, or ask for fewer new tokens")
-
-    def _chat_ids(self, messages: Messages) -> list[int]:
+    def _chat_ids(self, messages: Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
         # the template writes the special tokens (bos, role markers) itself
-        return self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
+        return self._tokenizer.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
-    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        return self._chat_template.render(messages, add_generation_prompt)
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        return self._chat_template.render(messages, add_generation_prompt, tools=tools)
 
     def generate_tokens(self, input_ids: Sequence[int], max_new_tokens: int | None = None,
-                        sampling: SamplingParams | None = None) -> Iterator[int]:
-        """New token ids after `input_ids` (eos not included); sets `last_stats` when done."""
+                        sampling: SamplingParams | None = None, constraint: TokenConstraint | None = None,
+                        observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
+        """New token ids after `input_ids` (eos not included); sets `last_stats` when done.
+        `constraint` (from constraint()) and `observe` as in generate.decode_tokens."""
         ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len - 1)
         if max_new_tokens is None:
             max_new_tokens = self._manifest.generation.max_new_tokens
         _check_max_new_tokens(max_new_tokens)
         self.last_stats = None
         return decode_tokens(self._decoder, ids, max_new_tokens, Sampler(sampling or self.sampling_params()),
-                             self._manifest.eos_token_ids, self._manifest.max_seq_len, self._record_stats)
+                             self._manifest.eos_token_ids, self._manifest.max_seq_len, self._record_stats,
+                             constraint, observe)
 
     def logits(self, input_ids: Sequence[int]) -> np.ndarray:
         """Logits (S, V) float32 at every position of `input_ids`, from one prefill run."""
@@ -346,9 +327,10 @@ class LanguageModel:
         return ids
 
     def stream_ids(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
-                   stop: list[str] | None = None) -> Iterator[str]:
+                   stop: list[str] | None = None, constraint: TokenConstraint | None = None,
+                   observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[str]:
         """Text pieces generated after the token ids `ids` (for servers that tokenize themselves)."""
-        return self._stream_text(list(ids), max_new_tokens, sampling, stop)
+        return self._stream_text(list(ids), max_new_tokens, sampling, stop, constraint, observe)
 
     def check_request(self, ids: Sequence[int], max_new_tokens: int | None, stop: list[str] | None) -> None:
         """Raise now what generation would raise at its start: prompt length, max_new_tokens, stop."""
@@ -358,9 +340,10 @@ class LanguageModel:
             _check_max_new_tokens(max_new_tokens)
 
     def _stream_text(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
-                     stop: list[str] | None) -> Iterator[str]:
+                     stop: list[str] | None, constraint: TokenConstraint | None = None,
+                     observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[str]:
         stops = StopFilter(stop)  # checked now: a bad request fails before the stream starts
-        tokens = self.generate_tokens(ids, max_new_tokens, sampling)
+        tokens = self.generate_tokens(ids, max_new_tokens, sampling, constraint, observe)
         return self._text_pieces(tokens, stops)
 
     def _text_pieces(self, tokens: Iterator[int], stops: StopFilter) -> Iterator[str]:
@@ -377,10 +360,6 @@ class LanguageModel:
             tail = stops.push(detokenizer.flush()) + stops.flush()
             if tail:
                 yield tail
-
-
-class PromptDeadlineError(GenerationError):
-    """Trimming a conversation ran past the caller's deadline (`chat_prompt_ids(deadline=...)`)."""
 
 
 def _check_max_new_tokens(value: object) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 
 from edgelm_runtime.errors import EdgelmRuntimeError
 from edgelm_runtime.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from edgelm_runtime.model import LanguageModel, PromptDeadlineError
+from edgelm_runtime.history import PromptDeadlineError
+from edgelm_runtime.model import LanguageModel
 from edgelm_runtime.sampling import SamplingParams
 
 MAX_MESSAGES = 4096  # per request; far past any edge context, and each one costs a render

@@ -53,6 +53,15 @@ class BundleTokenizer:
                                    "rebuild the bundle from a model with a working tokenizer.json")
         return tokenizer
 
+    def to_json(self) -> str:
+        """The tokenizer.json text, padding and truncation off (for the grammar engine)."""
+        def serialize() -> str:
+            copy = Tokenizer.from_str(self._tokenizer.to_str())
+            copy.no_padding()
+            copy.no_truncation()
+            return copy.to_str()
+        return self._call(serialize)
+
     @property
     def vocab_size(self) -> int:
         return self._call(lambda: self._tokenizer.get_vocab_size(with_added_tokens=True))
