@@ -94,7 +94,11 @@ class GrammarTokenizer:
         from llguidance import LLTokenizer
 
         self.vocab_size = vocab_size
-        self._tokenizer = LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        try:  # no eos ids: the engine picks the tokenizer's own
+            self._tokenizer = LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
+        except (ValueError, RuntimeError) as exc:
+            raise GenerationError(f"the bundle's tokenizer cannot drive the grammar engine ({_first_line(str(exc))})",
+                                  hint="constrained decoding needs a tokenizer.json the tokenizers library reads") from None
 
     def constraint(self, spec: str, what: str = "grammar") -> TokenConstraint:
         """A fresh matcher for `spec` (from grammar_spec); GenerationError if it does not compile."""

@@ -58,11 +58,14 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
     prefill_s = perf_counter() - start
     seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
     seen[np.asarray(prompt_ids)] = True
+    counts = np.zeros(logits.shape[-1], dtype=np.float64) if sampler.counts_tokens else None
 
     def pick(logits: np.ndarray) -> int:
         if constraint is not None:
             logits = constraint.apply(logits)
-        token = sampler.sample(logits, seen)
+        token = sampler.sample(logits, seen, counts)
+        if counts is not None:
+            counts[token] += 1
         if constraint is not None:
             constraint.advance(token)
         if observe is not None:

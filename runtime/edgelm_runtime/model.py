@@ -15,16 +15,22 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from edgelm_runtime.constrained import GrammarTokenizer, TokenConstraint, grammar_spec
 from edgelm_runtime.bundle import MANIFEST_FILE, Manifest, resolve_inside, verify_bundle
+from edgelm_runtime.constrained import GrammarTokenizer, TokenConstraint, grammar_spec
 from edgelm_runtime.encoder import EncoderModel, open_encoder, wrong_task
-from edgelm_runtime.errors import BundleError, EdgelmRuntimeError, GenerationError, TemplateError
+from edgelm_runtime.errors import BundleError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
-from edgelm_runtime.history import PromptDeadlineError, fit_messages
+from edgelm_runtime.history import fit_messages
 from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
 from edgelm_runtime.sampling import Sampler, SamplingParams
-from edgelm_runtime.scoring import (DEFAULT_SCORING, aggregate, check_scoring, continuation_logprobs, label_convention,
-                                    split_continuations)
+from edgelm_runtime.scoring import (
+    DEFAULT_SCORING,
+    aggregate,
+    check_scoring,
+    continuation_logprobs,
+    label_convention,
+    split_continuations,
+)
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
@@ -103,11 +109,16 @@ class LanguageModel:
         return self._decoder
 
     @property
+    def chat_template_source(self) -> str:
+        return self._chat_template.source
+
+    @property
     def tokenizer(self) -> BundleTokenizer:
         return self._tokenizer
 
     def sampling_params(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        repetition_penalty: float | None = None, seed: int | None = None) -> SamplingParams:
+                        repetition_penalty: float | None = None, seed: int | None = None,
+                        presence_penalty: float | None = None, frequency_penalty: float | None = None) -> SamplingParams:
         """SamplingParams with the manifest's defaults for every option left as None."""
         defaults = self._manifest.generation
         return SamplingParams(
@@ -115,7 +126,7 @@ class LanguageModel:
             top_k=defaults.top_k if top_k is None else top_k,
             top_p=defaults.top_p if top_p is None else top_p,
             repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-            seed=seed)
+            seed=seed, presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0)
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,

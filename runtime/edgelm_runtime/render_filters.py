@@ -10,7 +10,20 @@ from typing import Any
 from jinja2 import pass_environment
 from jinja2.filters import make_attrgetter
 
-from edgelm_runtime.render_limits import (MAX_INT_BITS, MAX_RENDER_CHARS, _int_too_big, _join_size, _replace_size, check_binop, check_int_args, checked, measure, percent_size, tick, too_big)
+from edgelm_runtime.render_limits import (
+    MAX_INT_BITS,
+    MAX_RENDER_CHARS,
+    _int_too_big,
+    _join_size,
+    _replace_size,
+    check_binop,
+    check_int_args,
+    checked,
+    measure,
+    percent_size,
+    tick,
+    too_big,
+)
 
 
 def _arg(args: list[Any], kwargs: dict[str, Any], index: int, key: str, default: Any) -> Any:

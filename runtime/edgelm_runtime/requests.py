@@ -1,49 +1,54 @@
 """Request bodies of `edgelm serve`, checked field by field before any work is done.
 
-The chat and completion bodies are checked here; the field, model and text checks are shared with
-the encoder endpoints (encoder_server.py).
+The chat and completion bodies are checked here (the chat-only fields in chat_fields.py); the
+field, model and text checks are shared with the encoder endpoints (encoder_server.py).
 
-`prepare` runs in a worker thread: parsing, rendering, tokenizing and trimming are CPU work that
-must not stall the event loop. Every field's type is checked (nothing is coerced: `"stream": "no"`
-is a 400, not a stream) and every refusal names its field in an OpenAI-style error body, one line,
-with no path of the server's machine in it. Fields the server cannot honour (n > 1, logprobs,
-penalties, tools) are refused, not ignored; their off values are accepted.
-Limits: MAX_MESSAGES messages, generate.MAX_STOP_STRINGS stop strings of MAX_STOP_CHARS each."""
+`prepare` runs in a worker thread: parsing, rendering, tokenizing, trimming and compiling a
+schema or tool grammar are CPU work that must not stall the event loop. Every field's type is
+checked (nothing is coerced: `"stream": "no"` is a 400, not a stream) and every refusal names its
+field in an OpenAI-style error body, one line, with no path of the server's machine in it. The
+few fields the server cannot honour (logit_bias, echo, best_of, suffix) are refused, not ignored;
+their off values are accepted. Limits: chat_fields.MAX_MESSAGES messages, MAX_CHOICES choices,
+generate.MAX_STOP_STRINGS stop strings of MAX_STOP_CHARS each, MAX_TOP_LOGPROBS alternatives."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from edgelm_runtime import chat_fields
+from edgelm_runtime.chat_fields import ToolRequest
+from edgelm_runtime.constrained import TokenConstraint
 from edgelm_runtime.errors import EdgelmRuntimeError
 from edgelm_runtime.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from edgelm_runtime.history import PromptDeadlineError
 from edgelm_runtime.model import LanguageModel
+from edgelm_runtime.request_checks import (
+    RequestError,
+    bad,
+    check_text,
+    check_unicode,
+    is_real,
+    is_whole,
+    param,
+    parse_body,
+    public,
+    show,
+    valid_unicode,
+)
 from edgelm_runtime.sampling import SamplingParams
+from edgelm_runtime.tool_calls import Syntax, call_grammar, history_for_template, template_syntax, with_tool_prompt
 
-MAX_MESSAGES = 4096  # per request; far past any edge context, and each one costs a render
 MAX_SEED = 2**64
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": " ".join(self.message.split()) or "error", "type": self.kind,
-                          "param": self.param, "code": self.code}}
+MAX_CHOICES = 16        # n: each choice is a whole generation, run one after another
+MAX_TOP_LOGPROBS = 20   # OpenAI's limit for chat (5 for completions)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked request: the prompt's token ids and what to generate."""
+    """A checked request: the prompt's token ids and what to generate. `constraint()` gives each
+    choice a fresh matcher (None: unconstrained); `top_logprobs` None means no logprobs."""
 
     ids: list[int]
     max_new_tokens: int | None
@@ -51,48 +56,34 @@ class Prepared:
     stop: list[str] | None
     stream: bool
     include_usage: bool
+    n: int = 1
+    top_logprobs: int | None = None
+    constraint: Callable[[], TokenConstraint | None] = lambda: None
+    tools: ToolRequest | None = None
+    tool_syntax: Syntax = "hermes"
 
 
 def _off(allowed: str, test: Any) -> tuple[str, Any]:
     return allowed, lambda v: v is None or test(v)
 
 
-def _int_is(value: Any, number: int) -> bool:
-    return type(value) is int and value == number
-
-
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream",
-           "stream_options"}
+           "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user"}
 _OFF = {  # accepted only at the value that asks for nothing: honouring none of them, the server says so
-    "n": _off("1", lambda v: _int_is(v, 1)),
-    "presence_penalty": _off("0", lambda v: type(v) in (int, float) and v == 0),
-    "frequency_penalty": _off("0", lambda v: type(v) in (int, float) and v == 0),
     "logit_bias": _off("{}", lambda v: v == {}),
-    "logprobs": _off("false", lambda v: v is False or _int_is(v, 0)),
-    "top_logprobs": _off("0", lambda v: _int_is(v, 0)),
     "user": _off("a string", lambda v: isinstance(v, str) and valid_unicode(v)),
-    "response_format": _off('{"type": "text"}', lambda v: v == {"type": "text"}),
-    "tools": _off("[]", lambda v: v == []),
-    "tool_choice": _off('"none" or "auto"', lambda v: v in ("none", "auto")),
-    "parallel_tool_calls": _off("true or false", lambda v: isinstance(v, bool)),
     "echo": _off("false", lambda v: v is False),
-    "best_of": _off("1", lambda v: _int_is(v, 1)),
+    "best_of": _off("1", lambda v: type(v) is int and v == 1),
     "suffix": _off('""', lambda v: v == ""),
 }
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "n", "presence_penalty", "frequency_penalty",
-                         "logit_bias", "logprobs", "top_logprobs", "user", "response_format", "tools", "tool_choice",
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
                          "parallel_tool_calls"}
-COMPLETION_FIELDS = _COMMON | {"prompt", "n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                               "user", "echo", "best_of", "suffix"}
-_MESSAGE_FIELDS = {"role", "content", "name"}
-
-
-def bad(message: str, param: str | None = None) -> RequestError:
-    return RequestError(400, message, param)
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 
 
 def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None = None) -> Prepared:
-    """Parse and check a request body, then render, tokenize and trim its prompt (RequestError if bad)."""
+    """Parse and check a request body, then render, tokenize and trim its prompt and compile its
+    constraint (RequestError if anything is bad: nothing is generated for a bad request)."""
     body = parse_body(raw)
     check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     check_model(body, llm.manifest.name)
@@ -101,14 +92,11 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
     max_tokens = _max_tokens(body)
     stop = _stop(body.get("stop"))
     sampling = _sampling(body, llm)
+    n = _whole(body.get("n", 1), "n", 1, MAX_CHOICES)
+    top_logprobs = _logprobs(body, chat)
+    tools, syntax, constraint = None, "hermes", _constraint(llm, {}, "")
     if chat:
-        messages = _messages(body.get("messages"))
-        try:
-            ids = llm.chat_prompt_ids(messages, max_tokens, deadline=deadline)
-        except PromptDeadlineError:
-            raise prepare_timeout() from None
-        except EdgelmRuntimeError as exc:
-            raise bad(public(exc.message, llm.path), "messages") from None
+        ids, tools, syntax, constraint = _chat_prompt(body, llm, max_tokens, deadline)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
@@ -120,14 +108,77 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
         llm.check_request(ids, max_tokens, stop)
     except EdgelmRuntimeError as exc:
         raise bad(public(exc.message, llm.path), "messages" if chat else "prompt") from None
-    return Prepared(ids, max_tokens, sampling, stop, stream, include_usage)
+    return Prepared(ids, max_tokens, sampling, stop, stream, include_usage, n, top_logprobs, constraint, tools, syntax)
+
+
+def _chat_prompt(body: dict[str, Any], llm: LanguageModel, max_tokens: int | None, deadline: float | None
+                 ) -> tuple[list[int], ToolRequest | None, Syntax, Callable[[], TokenConstraint | None]]:
+    """The chat prompt's ids (tools rendered by the template, or edgelm's default tool prompt),
+    the tool request, the call syntax, and the reply's constraint (response_format, or a forced
+    tool_choice), compiled before anything renders."""
+    schema = chat_fields.response_schema(body.get("response_format"))
+    tools = chat_fields.tool_request(body)
+    if schema is not None and tools is not None and tools.mode == "forced":
+        raise bad("response_format and a forced tool_choice both constrain the reply; send one", "response_format")
+    spec: dict[str, Any] = {}
+    if schema is not None:
+        spec = {"json_schema": schema}
+    elif tools is not None and tools.mode == "forced":
+        spec = {"grammar": call_grammar(tools.tools, tools.parallel)}
+    constraint = _constraint(llm, spec, "response_format" if schema is not None else "tool_choice")
+    native, syntax = template_syntax(llm.chat_template_source)
+    messages = history_for_template(chat_fields.messages(body.get("messages")), native)
+    if tools is not None and not native:
+        messages = with_tool_prompt(messages, tools.tools)
+    try:
+        ids = llm.chat_prompt_ids(messages, max_tokens, deadline=deadline,
+                                  tools=tools.tools if tools is not None and native else None)
+    except PromptDeadlineError:
+        raise prepare_timeout() from None
+    except EdgelmRuntimeError as exc:
+        raise bad(public(exc.message, llm.path), "messages") from None
+    return ids, tools, syntax, constraint
+
+
+def _constraint(llm: LanguageModel, spec: dict[str, Any], field: str) -> Callable[[], TokenConstraint | None]:
+    """A factory of fresh matchers; the first is compiled now, so a bad schema is this request's 400."""
+    if not spec:
+        return lambda: None
+    try:
+        first: list[TokenConstraint | None] = [llm.constraint(**spec)]
+    except EdgelmRuntimeError as exc:
+        raise bad(exc.message, field) from None
+    return lambda: first.pop() if first else llm.constraint(**spec)
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives each token's logprobs entry lists (None: no logprobs)."""
+    value = body.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise bad("logprobs must be true or false", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None:
+            if not value:
+                raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+            return _whole(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        return 0 if value else None
+    if value is None or value is False:
+        return None
+    return _whole(value, "logprobs", 0, 5)
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    if not is_whole(value) or not low <= value <= high:
+        raise bad(f"{name} must be a whole number from {low} to {high}", name)
+    return value
 
 
 def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
     """Unknown fields are a 400, and so are fields this server cannot honour unless at their off value."""
     for name, value in body.items():
         if name not in allowed:
-            raise bad(f"unknown field {show(name)} (this server does not support it)", _param(name))
+            raise bad(f"unknown field {show(name)} (this server does not support it)", param(name))
         if name in _OFF and not _OFF[name][1](value):
             raise bad(f"{name} is not supported here: send {_OFF[name][0]} or leave it out", name)
 
@@ -145,53 +196,6 @@ def check_model(body: dict[str, Any], served: str) -> None:
 def prepare_timeout() -> RequestError:
     return RequestError(503, "preparing the prompt took too long; send a shorter conversation or retry later",
                         kind="server_error", code="timeout")
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad("the request body is not valid UTF-8") from None
-    try:
-        body = json.loads(text, parse_constant=_no_constant)
-    except RecursionError:
-        raise bad("the request body is nested too deeply") from None
-    except ValueError:  # also NaN / Infinity, and integers over Python's digit limit
-        raise bad("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    return body
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
-    if len(messages) > MAX_MESSAGES:
-        raise bad(f"messages has {len(messages)} entries; at most {MAX_MESSAGES} are allowed per request", "messages")
-    clean = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise bad(f"{where} must be an object with a role and a content", where)
-        for key, value in message.items():
-            if key not in _MESSAGE_FIELDS and value not in (None, [], {}):
-                raise bad(f"{where}.{show(key)} is not supported here", _param(f"{where}.{key}"))
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role:
-            raise bad(f"{where}.role must be a non-empty string", f"{where}.role")
-        if not isinstance(content, str):
-            raise bad(f"{where}.content must be a string (content parts are not supported)", f"{where}.content")
-        check_unicode(role, f"{where}.role")
-        check_unicode(content, f"{where}.content")
-        kept = {"role": role, "content": content}
-        if message.get("name") is not None:
-            kept["name"] = check_text(message["name"], f"{where}.name")
-        clean.append(kept)
-    return clean
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -222,9 +226,11 @@ def _stop(stop: Any) -> list[str] | None:
 def _sampling(body: dict[str, Any], llm: LanguageModel) -> SamplingParams:
     numbers = {}
     for name, allowed, ok in (("temperature", ">= 0", lambda v: v >= 0), ("top_p", "in (0, 1]", lambda v: 0 < v <= 1),
-                              ("repetition_penalty", "> 0", lambda v: v > 0)):
+                              ("repetition_penalty", "> 0", lambda v: v > 0),
+                              ("presence_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2),
+                              ("frequency_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2)):
         value = body.get(name)
-        if value is not None and not (_real(value) and ok(value)):
+        if value is not None and not (is_real(value) and ok(value)):
             raise bad(f"{name} must be a number {allowed}", name)
         numbers[name] = value
     for name, top in (("top_k", None), ("seed", MAX_SEED)):
@@ -255,53 +261,6 @@ def _flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def check_text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise bad(f"{name} must be a string", name)
-    check_unicode(value, name)
-    return value
 
 
-def is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_unicode(text: str, name: str) -> None:
-    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer (or UTF-8) can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad(f"{name} is not valid Unicode (a lone surrogate at character {exc.start})", name) from None
-
-
-def show(value: Any) -> str:
-    text = ascii(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _param(name: str) -> str:
-    return ascii(name)[1:-1][:64]
-
-
-# a path of this machine, not one of the server's own endpoints (/v1/embeddings)
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:\\|/(?!v1/))(?:[^\s/\\'\"():,]+[/\\])*[^\s/\\'\"():,]+")
-
-
-def public(message: str, *folders: Path) -> str:
-    """A message fit for a client: the bundle folders' own paths made relative, any other path cut."""
-    for folder in folders:
-        for prefix in sorted({str(folder.resolve()), os.path.abspath(folder), str(folder)}, key=len, reverse=True):
-            message = message.replace(prefix + os.sep, "").replace(prefix, folder.name)
-    return _ABSOLUTE_PATH.sub("<path>", message)
+__all__ = ["RequestError", "bad", "check_text", "check_unicode", "is_whole", "parse_body", "public", "show"]

@@ -17,19 +17,25 @@ from edgelm_runtime.errors import GenerationError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy (argmax). top_k 0 and top_p 1.0 switch those filters off."""
+    """temperature 0 = greedy (argmax). top_k 0 and top_p 1.0 switch those filters off.
+    presence_penalty / frequency_penalty are OpenAI's: subtracted from the logit of each token
+    already generated, once / once per time it was generated (0 = off, range [-2, 2])."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.temperature, "temperature", ">= 0 (0 = greedy)", lambda v: v >= 0)
         _check(self.top_k, "top_k", "a whole number >= 0 (0 = off)", lambda v: _is_whole(v) and v >= 0)
         _check(self.top_p, "top_p", "in (0, 1] (1 = off)", lambda v: 0 < v <= 1)
         _check(self.repetition_penalty, "repetition_penalty", "> 0 (1 = off)", lambda v: v > 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(getattr(self, name), name, "in [-2, 2] (0 = off)", lambda v: -2 <= v <= 2)
         if self.seed is not None:
             _check(self.seed, "seed", "a whole number >= 0 or None", lambda v: _is_whole(v) and v >= 0)
 
@@ -52,16 +58,24 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sample() needs the generated tokens' counts (the OpenAI penalties are on)."""
+        return self.params.presence_penalty != 0 or self.params.frequency_penalty != 0
+
+    def sample(self, logits: np.ndarray, seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> int:
         """The next token for one logits vector (V,). `seen`: ids (or a boolean mask over the
-        vocabulary) of tokens already in the sequence, for the repetition penalty."""
+        vocabulary) of tokens already in the sequence, for the repetition penalty; `counts`: how
+        often each token was generated so far, for the presence and frequency penalties."""
         p = self.params
-        if p.temperature == 0 and p.repetition_penalty == 1.0:
+        if p.temperature == 0 and p.repetition_penalty == 1.0 and not self.counts_tokens:
             return int(np.argmax(logits))  # the default: no copy needed
         scores = np.array(logits, dtype=np.float64)  # a private copy: the filters below edit it in place
         if p.repetition_penalty != 1.0 and seen is not None:
             picked = scores[seen]  # CTRL: shrink positive logits, push negative ones further down
             scores[seen] = np.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if counts is not None and self.counts_tokens:
+            scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         if p.temperature == 0:
             return int(np.argmax(scores))
         scores /= p.temperature

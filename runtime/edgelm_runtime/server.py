@@ -25,24 +25,24 @@ import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgelm_runtime.decoder_server import decoder_handlers
 from edgelm_runtime.encoder import EncoderModel
 from edgelm_runtime.encoder_server import ENCODER_ENDPOINTS, check_embeddings, encoder_handlers
 from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.model import LanguageModel
-from edgelm_runtime.requests import Prepared, RequestError, prepare, prepare_timeout, public
+from edgelm_runtime.requests import RequestError, prepare_timeout, public
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
@@ -137,6 +137,10 @@ class Http:
                 raise RequestError(413, f"request body over {self.limits.max_body_bytes} bytes")
         return bytes(raw)
 
+    async def wait(self, request: Request, awaitable: Awaitable[T]) -> T:
+        """`await awaitable`, unless the client leaves first (ClientGone)."""
+        return await until_gone(request, awaitable)
+
     async def prepare(self, request: Request, work: Callable[[float], T]) -> T:
         """`work(deadline)` in the prepare pool; past the deadline a 503 (the work stops itself at it,
         the wait gives it a moment to say so)."""
@@ -197,33 +201,6 @@ class Http:
                                                 else "server_error"))
 
 
-class Generation:
-    """Runs one request's token stream in a worker thread; `cancel()` stops it at the next token."""
-
-    def __init__(self, llm: LanguageModel, prepared: Prepared) -> None:
-        self.llm, self.prepared = llm, prepared
-        self.cancelled = threading.Event()
-        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        self.stats = None
-        self.error: BaseException | None = None
-
-    def run(self, loop: asyncio.AbstractEventLoop) -> None:
-        p = self.prepared
-        try:
-            stream = self.llm.stream_ids(p.ids, p.max_new_tokens, p.sampling, p.stop)
-            for piece in stream:
-                if self.cancelled.is_set():
-                    stream.close()
-                    break
-                loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
-        except BaseException as exc:  # reported to the request, never kills the server
-            self.error = exc
-            logger.error("generation failed: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:300])
-        finally:
-            self.stats = self.llm.last_stats
-            loop.call_soon_threadsafe(self.pieces.put_nowait, None)
-
-
 def endpoints(model: Served) -> tuple[str, ...]:
     """The POST endpoints a bundle serves, by its task."""
     task = model.manifest.task
@@ -241,7 +218,7 @@ def create_app(model: Served, queue_limit: int = 8, max_body_bytes: int = MAX_BO
     http = Http(limits, api_key, Gate(queue_limit), [m.path for m in models])
     handlers: dict[str, Handler] = {}
     for served in models:
-        handlers |= (_decoder_handlers(served, http) if served.manifest.task == "text-generation"
+        handlers |= (decoder_handlers(served, http) if served.manifest.task == "text-generation"
                      else encoder_handlers(served, http))
     summary = "; ".join(f"{m.manifest.name!r} ({m.manifest.task}): " + ", ".join(f"POST {e}" for e in endpoints(m))
                         for m in models)
@@ -268,45 +245,6 @@ def create_app(model: Served, queue_limit: int = 8, max_body_bytes: int = MAX_BO
                      exception_handlers={HTTPException: http.http_error, Exception: http.http_error})
 
 
-def _decoder_handlers(llm: LanguageModel, http: Http) -> dict[str, Handler]:
-    model_id = llm.manifest.name
-
-    async def complete(request: Request, chat: bool) -> Response:
-        http.authorize(request)
-        raw = await http.read_body(request)
-        prepared = await http.prepare(request, lambda deadline: prepare(raw, chat, llm, deadline))
-        created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        await until_gone(request, http.gate.acquire())
-        generation = Generation(llm, prepared)
-        loop = asyncio.get_running_loop()
-        worker = loop.run_in_executor(None, generation.run, loop)
-        worker.add_done_callback(lambda _: http.gate.release())
-        if prepared.stream:
-            return StreamingResponse(_sse(generation, worker, chat, rid, created, model_id),
-                                     media_type="text/event-stream")
-        try:
-            pieces = await until_gone(request, _collect(generation, worker))
-        finally:
-            generation.cancelled.set()  # a non-streaming client that went away stops it too
-        if generation.error is not None:
-            raise RequestError(500, "generation failed (the server log says why)", kind="server_error")
-        text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                  else {"index": 0, "text": text, "logprobs": None})
-        choice["finish_reason"] = _finish(generation.stats)
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model_id, "choices": [choice],
-                             "usage": _usage(generation.stats, len(prepared.ids))})
-
-    async def chat_completions(request: Request) -> Response:
-        return await complete(request, chat=True)
-
-    async def completions(request: Request) -> Response:
-        return await complete(request, chat=False)
-
-    return {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
-
-
 async def until_gone(request: Request, awaitable: Awaitable[T]) -> T:
     """`await awaitable`, unless the client disconnects first: then it is cancelled and ClientGone raised."""
     task = asyncio.ensure_future(awaitable)
@@ -328,62 +266,8 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _collect(generation: Generation, worker: Awaitable[None]) -> list[str]:
-    pieces = []
-    while (piece := await generation.pieces.get()) is not None:
-        pieces.append(piece)
-    await worker
-    return pieces
-
-
-async def _sse(generation: Generation, worker: Any, chat: bool, rid: str, created: int,
-               model_id: str) -> AsyncIterator[str]:
-    """Server-sent events; when the client goes away starlette cancels this, which cancels the run."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(delta: str | None, finish: str | None) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice["delta"] = {} if delta is None else {"content": delta}
-        else:
-            choice["text"] = delta or ""
-        return _data({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [choice]})
-
-    try:
-        if chat:
-            yield event("", None).replace('"content": ""', '"role": "assistant", "content": ""')
-        while (piece := await generation.pieces.get()) is not None:
-            yield event(piece, None)
-            # let the loop see a hang-up before the next write: writes to a lost socket log a line each
-            await asyncio.sleep(0)
-        await worker
-        if generation.error is not None:
-            yield _data(RequestError(500, "generation failed (the server log says why)", kind="server_error").body())
-            return
-        yield event(None, _finish(generation.stats))
-        if generation.prepared.include_usage:
-            yield _data({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [],
-                         "usage": _usage(generation.stats, len(generation.prepared.ids))})
-        yield "data: [DONE]\n\n"
-    finally:
-        generation.cancelled.set()  # the client left (or we are done): the worker stops at its next token
-
-
-def _data(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
 def _peer(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "a client"
-
-
-def _finish(stats: Any) -> str:
-    return "length" if stats is not None and stats.finish_reason in ("max_new_tokens", "max_seq_len") else "stop"
-
-
-def _usage(stats: Any, prompt_tokens: int) -> dict[str, int]:
-    completion = stats.generated_tokens if stats is not None else 0
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def serve(model: Served, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,

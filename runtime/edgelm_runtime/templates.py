@@ -37,11 +37,30 @@ from markupsafe import Markup
 
 from edgelm_runtime.errors import GenerationError, TemplateError
 from edgelm_runtime.render_filters import bounded_filter, bounded_sum, bounded_test
-from edgelm_runtime.render_limits import (MAX_CALL_DEPTH, MAX_INT_BITS, MAX_RENDER_CHARS,
-                                          MAX_RENDER_SECONDS, MAX_TEMPLATE_CHARS, BoundedFormatterMixin,
-                                          RenderLimitError, check_binop, check_int_args, check_lipsum, check_method,
-                                          checked, enter_call, is_lipsum, leave_call, measure, render_deadline,
-                                          shallow_size, spend, tick, ticking, too_big)
+from edgelm_runtime.render_limits import (
+    MAX_CALL_DEPTH,
+    MAX_INT_BITS,
+    MAX_RENDER_CHARS,
+    MAX_RENDER_SECONDS,
+    MAX_TEMPLATE_CHARS,
+    BoundedFormatterMixin,
+    RenderLimitError,
+    check_binop,
+    check_int_args,
+    check_lipsum,
+    check_method,
+    checked,
+    enter_call,
+    is_lipsum,
+    leave_call,
+    measure,
+    render_deadline,
+    shallow_size,
+    spend,
+    tick,
+    ticking,
+    too_big,
+)
 from edgelm_runtime.tokenizer import check_text
 
 __all__ = ["CHATML_TEMPLATE", "MAX_CALL_DEPTH", "MAX_INT_BITS", "MAX_RENDER_CHARS", "MAX_RENDER_SECONDS",

@@ -207,9 +207,9 @@ class CountingTemplate:
     def __init__(self, template: ChatTemplate) -> None:
         self.template, self.renders = template, 0
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
         self.renders += 1
-        return self.template.render(messages, add_generation_prompt)
+        return self.template.render(messages, add_generation_prompt, **variables)
 
 
 @pytest.mark.parametrize("roles", ["alternating", "random"])
@@ -235,7 +235,7 @@ def test_trimming_3000_messages_renders_a_logarithmic_number_of_times(llm, roles
 
 
 def test_trimming_stops_at_its_deadline(llm) -> None:
-    from edgelm_runtime.model import PromptDeadlineError
+    from edgelm_runtime.history import PromptDeadlineError
 
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(3001)]
     with pytest.raises(PromptDeadlineError, match="deadline"):

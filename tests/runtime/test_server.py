@@ -180,7 +180,7 @@ def test_streamed_usage_with_the_openai_client(client, tiny_bundle):
 
 
 def test_fields_the_server_cannot_honour_are_refused_not_ignored(client, tiny_bundle):
-    with pytest.raises(openai.BadRequestError, match="n is not supported"):
-        client.completions.create(model=tiny_bundle.name, prompt="hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="echo is not supported"):
+        client.completions.create(model=tiny_bundle.name, prompt="hi", max_tokens=2, echo=True)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
