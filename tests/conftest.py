@@ -49,7 +49,7 @@ def save_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> P
     tokenizer.chat_template = CHAT_TEMPLATE
     config = AutoConfig.for_model(
         model_type, vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         rope_theta=100000.0, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -224,6 +224,17 @@ def tiny_bundle_report(tiny_model_dir, tiny_recipe, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_bundle_report) -> Path:
     return tiny_bundle_report.output
+
+
+@pytest.fixture(scope="session")
+def tiny_long_bundle(tiny_model_dir, tiny_recipe, tmp_path_factory) -> Path:
+    """The tiny model with a 1024-token context: room for a tool prompt in its small-vocabulary tokenizer."""
+    from edgelm import api
+    from edgelm.config.plan import BuildOverrides
+
+    plan = api.plan_build(profile="cpu-fp32", recipe=tiny_recipe, model=str(tiny_model_dir), name="tiny-long",
+                          overrides=BuildOverrides(max_seq_len=1024))
+    return api.build(plan, tmp_path_factory.mktemp("bundles") / "tiny-long").output
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,15 @@ def _calls(prepared: Prepared, text: str) -> tuple[str | None, list[ToolCall]]:
     unique: dict[tuple[str, str], ToolCall] = {}
     for call in calls:
         unique.setdefault((call.name, call.arguments), call)
+    if prepared.tools.mode == "forced":  # the grammar allowed only calls: the rest is a block cut by max_tokens
+        content = None
     return content, list(unique.values())
+
+
+def _tool_finish(calls: list[ToolCall], stats: Any) -> str:
+    """"length" when the reply was cut (its last call may be missing), else "tool_calls" if it called."""
+    finish = _finish(stats)
+    return "tool_calls" if calls and finish != "length" else finish
 
 
 def _choice(prepared: Prepared, chat: bool, index: int, text: str, logprobs: list[dict[str, Any]],
@@ -174,7 +182,7 @@ def _choice(prepared: Prepared, chat: bool, index: int, text: str, logprobs: lis
     if calls:
         message["tool_calls"] = [call.to_openai() for call in calls]
     return {"index": index, "message": message, "logprobs": {"content": logprobs} if wanted else None,
-            "finish_reason": "tool_calls" if calls else _finish(stats)}
+            "finish_reason": _tool_finish(calls, stats)}
 
 
 def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,7 +259,7 @@ def _end_of_choice(event: Callable[..., str], prepared: Prepared, chat: bool, in
         out.append(event(index, {"content": tail}, None))
     for position, call in enumerate(calls):
         out.append(event(index, {"tool_calls": [call.to_openai(position)]}, None, entries if position == 0 else None))
-    return [*out, event(index, None, "tool_calls")]
+    return [*out, event(index, None, _tool_finish(calls, stats))]
 
 
 def _data(payload: dict[str, Any]) -> str:
