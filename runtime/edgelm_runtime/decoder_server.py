@@ -28,7 +28,7 @@ from edgelm_runtime.model import LanguageModel
 from edgelm_runtime.request_checks import RequestError
 from edgelm_runtime.requests import Prepared, prepare
 from edgelm_runtime.scoring import log_softmax
-from edgelm_runtime.tool_calls import CallDetector, ToolCall, parse_tool_calls
+from edgelm_runtime.tool_calls import CLOSE, CallDetector, ToolCall, parse_tool_calls, repeats_a_call
 
 if TYPE_CHECKING:
     from edgelm_runtime.server import Http
@@ -88,11 +88,16 @@ class Generation:
                 recorder = None if p.top_logprobs is None else Logprobs(self.llm, p.top_logprobs)
                 stream = self.llm.stream_ids(p.ids, p.max_new_tokens, sampling, p.stop, p.constraint(),
                                              recorder.observe if recorder else None)
+                text = ""
                 for piece in stream:
                     if self.cancelled.is_set():
                         stream.close()
                         break
                     put((index, piece, recorder.take() if recorder else []))
+                    text += piece
+                    if p.tools is not None and CLOSE in text[-len(piece) - len(CLOSE):] and repeats_a_call(text):
+                        stream.close()  # the model loops on a call it already made: the reply ends here
+                        break
                 self.stats.append(self.llm.last_stats)
                 put((index, None, recorder.take() if recorder else []))
         except BaseException as exc:  # reported to the request, never kills the server

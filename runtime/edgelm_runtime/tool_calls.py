@@ -145,6 +145,19 @@ def _call(body: str, names: set[str], argument_keys: tuple[str, ...]) -> ToolCal
     return ToolCall(data["name"], json.dumps(arguments, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
 
 
+def repeats_a_call(text: str) -> bool:
+    """Whether the last complete `<tool_call>` block of `text` repeats an earlier one verbatim (as
+    JSON): small models asked for parallel calls loop on the first, so the reply ends there."""
+    bodies = [match.group(1) for match in _BLOCK.finditer(text) if match.group(0).endswith(CLOSE)]
+    if len(bodies) < 2:
+        return False
+    try:
+        parsed = [json.loads(body) for body in bodies]
+    except ValueError:
+        return False
+    return parsed[-1] in parsed[:-1]
+
+
 class CallDetector:
     """For a stream with tools: passes content through until a call starts (`<tool_call>`, or a
     Llama 3 reply that opens with `{`), holding back any tail that may still become one."""

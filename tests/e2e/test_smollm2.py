@@ -85,3 +85,52 @@ def test_zero_shot_sentiment_on_clear_sentences(real_int8_bundle):
                  ("Awful. I hated every minute of it.", "negative")]
     predicted = [llm.classify(text, template="sentiment").label for text, _ in sentences]
     assert predicted == [label for _, label in sentences]
+
+
+ORDER = {"type": "object", "additionalProperties": False, "required": ["customer", "items", "total", "status"],
+         "properties": {
+             "customer": {"type": "object", "additionalProperties": False, "required": ["name", "city"],
+                          "properties": {"name": {"type": "string", "maxLength": 40},
+                                         "city": {"type": "string", "maxLength": 40}}},
+             "items": {"type": "array", "minItems": 1, "maxItems": 4,
+                       "items": {"type": "object", "additionalProperties": False, "required": ["product", "quantity"],
+                                 "properties": {"product": {"type": "string", "maxLength": 40},
+                                                "quantity": {"type": "integer", "minimum": 1, "maximum": 99}}}},
+             "total": {"type": "number", "minimum": 0, "maximum": 100000},
+             "status": {"enum": ["new", "paid", "shipped"]}}}
+
+
+def test_structured_output_validates_20_of_20_at_temperature_0_7(real_int8_bundle):
+    """A schema with nested objects, an enum, an array and a number: every sample validates."""
+    import jsonschema
+
+    import edgelm_runtime as er
+
+    llm = er.load_bundle(real_int8_bundle)
+    ask = [{"role": "user", "content": "Ann Smith from Oslo paid for 2 lamps and 1 desk, 340 euros in all. "
+                                       "Write the order as JSON."}]
+    outputs = [llm.chat(ask, max_new_tokens=200, temperature=0.7, seed=seed, json_schema=ORDER) for seed in range(20)]
+    for text in outputs:
+        jsonschema.validate(json.loads(text), ORDER)
+    assert sum("Oslo" in json.loads(text)["customer"]["city"] for text in outputs) >= 10  # it reads the prompt too
+
+
+def test_a_required_tool_call_through_the_server(real_int8_bundle):
+    openai = pytest.importorskip("openai")
+    from tests.runtime.test_server import _start
+
+    process, url = _start(real_int8_bundle)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        weather = {"type": "function", "function": {
+            "name": "get_weather", "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        reply = client.chat.completions.create(model="smollm2-int8", messages=[
+            {"role": "user", "content": "What is the weather in Paris?"}], tools=[weather], tool_choice="required",
+            max_tokens=100)  # the model calls again, the same call: the reply ends there, one call kept
+        call = reply.choices[0].message.tool_calls[0]
+        assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

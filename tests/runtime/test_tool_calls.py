@@ -54,6 +54,15 @@ def test_templates_without_tools_get_the_default_prompt_and_rewritten_history():
     assert native[0]["tool_calls"][0]["function"]["arguments"] == {"a": 2}  # transformers templates take objects
 
 
+def test_a_repeated_call_is_detected_when_its_block_closes():
+    from edgelm_runtime.tool_calls import repeats_a_call
+
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    assert not repeats_a_call(one) and not repeats_a_call(one + "\n" + one.replace("1", "2"))
+    assert repeats_a_call(one + "\n" + one.replace(": ", ":"))  # the same JSON, spaced otherwise
+    assert not repeats_a_call(one + "\n" + one[:-5])  # the second block is not closed yet
+
+
 def test_the_call_grammar_names_only_declared_functions():
     grammar = call_grammar(TOOLS, parallel=False)
     assert grammar.startswith("start: call\n") and '"const": "add"' in grammar
