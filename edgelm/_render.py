@@ -109,7 +109,7 @@ def bench_table(result: dict[str, Any]) -> Table:
     rows = result["bundles"]
     lengths = list(rows[0]["ttft_ms"])
     table = Table("bundle", "MB", "load s", "RSS MB", f"TTFT ms {'/'.join(lengths)}", "prefill tok/s",
-                  "decode tok/s", "model only", "µs/tok rest", "ratio", title="edgelm bench")
+                  "decode tok/s", "model only", "µs/tok rest", "µs/tok grammar", "ratio", title="edgelm bench")
     table.columns[0].no_wrap = True
     for row in rows:
         detail = row["detail"]
@@ -119,10 +119,12 @@ def bench_table(result: dict[str, Any]) -> Table:
                       "/".join(f"{row['ttft_ms'][n]:.0f}" for n in lengths), f"{row['prefill_tokens_per_s']:.0f}",
                       f"{decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f})",
                       f"{detail['decode_model_tokens_per_s']['median']:.1f}", f"{rest:.0f}",
+                      f"{detail['grammar_us']['median']:.0f}" if "grammar_us" in detail else "-",
                       f"x{row['decode_ratio_vs_first']:.2f}")
     settings = result["settings"]
     table.caption = (f"decode: median (min-max), end-to-end (model + greedy sampling + detokenizing; "
-                     f"'model only' leaves those out, 'µs/tok rest' is them); ratio: decode vs the first bundle. "
+                     f"'model only' leaves those out, 'µs/tok rest' is them; 'µs/tok grammar': the JSON-schema mask "
+                     f"of constrained decoding, per token); ratio: decode vs the first bundle. "
                      f"Medians of {settings['repeats']} interleaved runs after {settings['warmup']} warm-up; "
                      f"decode: {settings['decode_tokens']} tokens forced after a {settings['decode_prompt_tokens']}-token "
                      f"prompt; threads {settings['threads'] or 'onnxruntime default'}; {result['machine']['cores']} cores "

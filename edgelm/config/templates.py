@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -44,6 +44,8 @@ class TemplateSpec(Frozen):
     template: str = ""
     stop: tuple[str, ...] = ()
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    json_schema: dict[str, Any] | None = Field(None, description="generate: the output follows this JSON schema")
+    json_keys: str = Field("", description="generate: the output is a JSON object keyed by this variable's names")
 
     @model_validator(mode="after")
     def _runtime_accepts(self) -> "TemplateSpec":

@@ -31,6 +31,13 @@ from typing import Any
 
 PROMPT_LENGTHS = (32, 128, 512)
 DECODE_PROMPT = 128
+# the schema whose grammar mask is timed per token ("grammar_us": mask + advance, the model excluded)
+GRAMMAR_SCHEMA = {"type": "object", "required": ["name", "items", "total", "status"], "additionalProperties": False,
+                  "properties": {"name": {"type": "string", "maxLength": 40},
+                                 "items": {"type": "array", "maxItems": 4, "items": {
+                                     "type": "object", "required": ["product", "quantity"],
+                                     "properties": {"product": {"type": "string"}, "quantity": {"type": "integer"}}}},
+                                 "total": {"type": "number"}, "status": {"enum": ["new", "paid", "shipped"]}}}
 TEXT = ("The lighthouse keeper climbed the spiral stairs at dusk, as he had every evening for thirty years. "
         "Below him the sea rolled grey and restless against the rocks, and far out a single ship crept "
         "along the horizon. He lit the great lamp, checked the clockwork that turned it, and wrote the "
@@ -91,6 +98,10 @@ def _worker(bundle: str, threads: int | None, decode_tokens: int, provider: str 
         total = time.perf_counter() - start
         result.update(decode_tokens_per_s=decode_tokens / total, decode_model_tokens_per_s=decode_tokens / model_s,
                       sampling_us=sampling_s / decode_tokens * 1e6, detokenize_us=detok_s / decode_tokens * 1e6)
+        constraint = llm.constraint(json_schema=GRAMMAR_SCHEMA)  # greedy decoding of GRAMMAR_SCHEMA, masked
+        for _ in llm.generate_tokens(reference[:decode_prompt], decode_tokens, SamplingParams(), constraint):
+            pass
+        result["grammar_us"] = constraint.stats.mask_seconds / max(1, constraint.stats.masked_steps) * 1e6
         return result
 
     manifest = llm.manifest
@@ -234,8 +245,9 @@ def _row(hello: dict[str, Any], final: dict[str, Any], results: list[dict[str, A
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
     lengths = [str(n) for n in hello["prompt_lengths"]]
-    keys = ("decode_tokens_per_s", "decode_model_tokens_per_s", "prefill_tokens_per_s", "sampling_us", "detokenize_us")
-    detail = {key: spread([r[key] for r in results]) for key in keys}
+    keys = ("decode_tokens_per_s", "decode_model_tokens_per_s", "prefill_tokens_per_s", "sampling_us", "detokenize_us",
+            "grammar_us")
+    detail = {key: spread([r[key] for r in results]) for key in keys if key in results[0]}  # peers time no grammar
     detail["ttft_ms"] = {n: spread([r["ttft_ms"][n] for r in results]) for n in lengths}
     detail["tokenize_ms"] = {n: spread([r["tokenize_ms"][n] for r in results]) for n in lengths}
     return {

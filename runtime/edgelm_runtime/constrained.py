@@ -139,8 +139,8 @@ class TokenConstraint:
         start = perf_counter()
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         self._check()
-        allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:logits.shape[-1]].astype(bool)
-        masked = np.where(allowed, logits, -np.inf).astype(np.float32)
+        allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little", count=logits.shape[-1]).view(bool)
+        masked = np.where(allowed, logits, np.float32(-np.inf))
         self.stats.masked_steps += 1
         self.stats.mask_seconds += perf_counter() - start
         return masked

@@ -253,10 +253,13 @@ class LanguageModel:
         (`max_new_tokens` and `sampling` are reserved: templates cannot use them as variables.)"""
         template = self.template(name)
         prompt = template.render(**variables)
+        schema = template.output_schema(**variables)  # a template that declares JSON output gets it, constrained
+        matcher = None if schema is None else self.constraint(json_schema=schema)
         params = sampling or self.sampling_params()
         ids = self._tokenizer.encode(prompt, add_special_tokens=True)
         limit = max_new_tokens or template.max_new_tokens
-        return "".join(self._stream_text(ids, limit, params, list(template.stop) or None))
+        stop = None if matcher else list(template.stop) or None  # the grammar ends it, not a stop string
+        return "".join(self._stream_text(ids, limit, params, stop, matcher))
 
     def score(self, prompt: str, continuations: Sequence[str], scoring: str = DEFAULT_SCORING) -> list[float]:
         """The score of each continuation after `prompt` (the prompt runs once): its tokens'

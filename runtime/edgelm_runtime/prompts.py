@@ -46,6 +46,8 @@ class PromptTemplate:
     template: str = ""                 # generate: the prompt, with {variables}
     stop: tuple[str, ...] = ()         # generate: stop strings
     max_new_tokens: int | None = None  # generate: default length
+    json_schema: dict[str, Any] | None = None  # generate: the output follows this JSON schema (constrained)
+    json_keys: str = ""                # generate: the output is an object keyed by this variable's comma-separated names
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -64,6 +66,12 @@ class PromptTemplate:
                                         hint=f"use one of: {', '.join(self.labels)}")
         else:
             _check_fields(self.name, "template", self.template, None)
+            if self.json_keys and self.json_keys not in self.variables:
+                raise TemplateError(f"template {self.name!r}: json_keys {self.json_keys!r} is not one of its variables",
+                                    hint=f"use one of: {', '.join(self.variables) or 'none'}")
+            if self.json_keys and self.json_schema is not None:
+                raise TemplateError(f"template {self.name!r}: json_schema and json_keys both given",
+                                    hint="declare one of them")
 
     @property
     def variables(self) -> list[str]:
@@ -75,6 +83,18 @@ class PromptTemplate:
             raise TemplateError(f"template {self.name!r} is a classify template",
                                 hint=f"use llm.classify(text, template={self.name!r})")
         return _fill(self.name, self.template, values)
+
+    def output_schema(self, **values: Any) -> dict[str, Any] | None:
+        """The JSON schema a generate template's output follows (None: free text): its own, or an
+        object whose keys are the `json_keys` variable's names, each a string or null."""
+        if not self.json_keys:
+            return self.json_schema
+        keys = [key.strip() for key in str(values.get(self.json_keys, "")).split(",") if key.strip()]
+        if not keys:
+            raise TemplateError(f"template {self.name!r}: {self.json_keys} names no keys",
+                                hint=f'pass {self.json_keys}="name, city", say')
+        return {"type": "object", "additionalProperties": False, "required": keys,
+                "properties": {key: {"type": ["string", "null"]} for key in keys}}
 
     def classify_prompt(self, text: str, labels: Sequence[str],
                         examples: Sequence[tuple[str, str]] | None = None, shots: int | None = None) -> str:
@@ -210,7 +230,8 @@ def template_to_dict(template: PromptTemplate) -> dict[str, Any]:
     data = {k: getattr(template, k) for k in PromptTemplate.__dataclass_fields__ if k != "name"}
     data["examples"] = [{"text": t, "label": label} for t, label in template.examples]
     data["labels"], data["stop"] = list(template.labels), list(template.stop)
-    for key in ("scoring", "chat", "calibrate"):  # written only when set, so the file still reads in older runtimes
+    for key in ("scoring", "chat", "calibrate", "json_schema", "json_keys"):  # written only when set, so the file
+        # still reads in older runtimes
         if data[key] == PromptTemplate.__dataclass_fields__[key].default:
             del data[key]
     return data

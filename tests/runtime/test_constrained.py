@@ -80,3 +80,31 @@ def test_the_constraint_reports_its_cost(llm):
     tokens = list(llm.generate_tokens(ids, 200, llm.sampling_params(temperature=1.0, seed=0), matcher))
     assert matcher.finished and matcher.stats.masked_steps == len(tokens)  # the closing brace ends it: no eos step
     assert 0 < matcher.stats.mask_seconds < llm.last_stats.decode_seconds + llm.last_stats.time_to_first_token_s
+
+
+def test_extract_json_follows_its_keys_at_any_seed(llm):
+    """The default extract-json template names its keys (json_keys: fields): the output is that object."""
+    template = llm.template("extract-json")
+    assert template.json_keys == "fields"
+    finished = 0
+    for seed in range(20):
+        text = llm.complete("extract-json", max_new_tokens=150, sampling=llm.sampling_params(temperature=1.0, seed=seed),
+                            fields="name, city", text="Ann Smith moved to Oslo in 2019.")
+        if llm.last_stats.finish_reason != "eos":  # the random model's string ran past the tiny context
+            assert llm.last_stats.finish_reason in ("max_new_tokens", "max_seq_len")
+            continue
+        finished += 1
+        data = json.loads(text)
+        assert set(data) == {"name", "city"} and all(v is None or isinstance(v, str) for v in data.values())
+    assert finished >= 10
+
+
+def test_a_template_json_schema_is_checked_when_the_bundle_loads():
+    from edgelm_runtime import TemplateError
+    from edgelm_runtime.prompts import template_from_dict
+
+    with pytest.raises(TemplateError, match="json_keys 'names' is not one of its variables"):
+        template_from_dict("x", {"kind": "generate", "template": "{text}", "json_keys": "names"})
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    assert template_from_dict("x", {"kind": "generate", "template": "{text}", "json_schema": schema}).output_schema(
+        text="a") == schema

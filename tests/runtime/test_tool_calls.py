@@ -79,3 +79,30 @@ def test_presence_and_frequency_penalties_subtract_from_generated_tokens():
     # token 0 generated once: 2.0 - 0.5 - 0.3 = 1.2 < 1.9
     assert sampler.sample(np.array(logits), None, np.array([1.0, 0.0, 0.0])) == 1
     assert Sampler(SamplingParams()).sample(np.array(logits), None, np.array([5.0, 0, 0])) == 0  # off: ignored
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {% for tool in tools %}{{ tool.function.name }} {% endfor %}"
+    "Call with <tool_call>.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function.name }} {{ c.function.arguments.a }}</tool_call>{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+
+def test_a_template_with_tool_support_renders_the_tools_itself(llm):
+    """No default tool prompt: the tools and the call history go to the template as transformers passes them."""
+    import edgelm_runtime as er
+    from edgelm_runtime.requests import prepare
+    from edgelm_runtime.templates import ChatTemplate
+
+    native = er.LanguageModel(llm.path, llm.manifest, llm.decoder, llm.tokenizer, ChatTemplate(HERMES_TEMPLATE, "hermes"))
+    body = {"messages": [{"role": "user", "content": "add"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 7}'}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "7"}],
+            "tools": TOOLS, "max_tokens": 4}
+    prepared = prepare(json.dumps(body).encode(), True, native)
+    prompt = llm.tokenizer.decode(prepared.ids, skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>system\nTools: add Call with <tool_call>.")
+    assert "<tool_call>add 7</tool_call>" in prompt and "You can call functions" not in prompt
+    assert prepared.tool_syntax == "hermes" and prepared.tools.mode == "auto"
