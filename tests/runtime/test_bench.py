@@ -24,6 +24,8 @@ def test_bench_reports_the_schema_for_each_bundle(tiny_bundle):
         assert decode["min"] <= decode["median"] <= decode["max"]
         assert row["detail"]["decode_model_tokens_per_s"]["median"] >= decode["median"]  # end-to-end adds work
         assert row["size_mb"] > 0.1 and row["ttft_ms"]["128"] > 0
+        grammar = row["detail"]["grammar_us"]  # the JSON-schema mask per token, measured, not assumed
+        assert 0 < grammar["min"] <= grammar["median"] < 1e5
     assert first["decode_ratio_vs_first"] == 1.0
     assert result["settings"]["repeats"] == 2 and result["settings"]["decode_tokens"] == 8
 

@@ -30,6 +30,15 @@ def test_json_schema_output_validates_at_200_seeds_at_temperature_1(llm):
         jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_json_schema_holds_at_every_temperature_and_filter(llm):
+    for seed, (temperature, top_k, top_p) in enumerate([(0.0, 0, 1.0), (0.3, 0, 1.0), (1.5, 0, 1.0), (2.0, 0, 1.0),
+                                                        (1.0, 5, 1.0), (1.0, 0, 0.5), (1.2, 40, 0.9)] * 3):
+        text = llm.generate("Person:", max_new_tokens=400, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=1.3 if seed % 2 else 1.0, seed=seed, json_schema=PERSON)
+        assert llm.last_stats.finish_reason == "eos", (seed, text)
+        jsonschema.validate(json.loads(text), PERSON)
+
+
 def test_regex_choices_and_grammar_are_followed_exactly(llm):
     for seed in range(40):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", llm.generate("Code:", temperature=1.0, seed=seed,
