@@ -99,6 +99,10 @@ def test_tool_choice_none_and_auto_answer_in_text(client):
                                                max_tokens=6)
         # the tiny random model does not write a call: a text reply, no invented tool_calls
         assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason != "tool_calls"
+        chunks = list(client.chat.completions.create(model="tiny-long", messages=ASK, tools=[WEATHER],
+                                                     tool_choice=choice, max_tokens=6, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
 
 
 def test_response_format_json_schema_validates_at_any_seed(client):
