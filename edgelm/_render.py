@@ -98,6 +98,13 @@ def eval_table(result: dict[str, Any]) -> Table:
     table.add_row("perplexity ratio", f"{result['perplexity_ratio']:.4f}", "1")
     table.add_row("top-1 agreement", f"{result['top1_agreement']:.4f}", "1")
     table.add_row("KL divergence (nats/token)", f"{result['kl_divergence']:.5f}", "0")
+    chat = result.get("chat")
+    if chat:
+        where = f"{chat['prompts']} prompts x {chat['tokens']} tokens"
+        table.add_row(f"chat answers identical ({where})", f"{chat['identical']:.3f}", "1")
+        table.add_row("chat mean common prefix / first token", f"{chat['mean_prefix']:.3f} / {chat['first_token']:.3f}", "1 / 1")
+        table.add_row("chat KL mean / p99 / max", f"{chat['kl_mean']:.4f} / {chat['kl_p99']:.3f} / {chat['kl_max']:.3f}", "0")
+        table.add_row("chat same top-1 / RMS Δp", f"{chat['same_top1']:.3f} / {chat['rms_delta_p']:.3f}", "1 / 0")
     for name, task in result["tasks"].items():
         table.add_row(f"{name} accuracy (n={task['n']})", f"{task['accuracy']:.3f}", f"{task['reference_accuracy']:.3f}")
     table.caption = f"{result['tokens']} tokens in {result['windows']} windows of {result['window_len']}"

@@ -212,15 +212,19 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
              max_kl_divergence: float | None = None, max_accuracy_drop: float | None = None,
              check: bool = True, progress: Progress = no_progress,
              formats: Sequence[str] = ("plain",), selection: str = "round-robin",
-             embedder: str | Path | None = None) -> EvalReport:
+             embedder: str | Path | None = None, chat_prompts: int = 32, chat_tokens: int = 32,
+             min_chat_identical: float | None = None, min_chat_prefix: float | None = None,
+             max_chat_kl: float | None = None) -> EvalReport:
     """Measure a bundle against a reference (default: its source model in fp32): perplexity, top-1
     agreement, KL divergence, zero/few-shot task accuracy (in each prompt format of `formats`:
     plain, classify, chat; few-shot examples chosen round-robin or, with selection="nearest", by
-    `embedder`'s embeddings); then the gates. The gate values are
+    `embedder`'s embeddings), chat fidelity on `chat_prompts` held-out chat prompts (0: skipped);
+    then the gates. The gate values are
     validated before anything loads (a bad one fails at once); a missed gate raises QualityGateError
     with the numbers, or with check=False is only listed in the report (report.check() raises later)."""
     gates = validate({"max_perplexity_ratio": max_perplexity_ratio, "min_top1_agreement": min_top1_agreement,
-                      "max_kl_divergence": max_kl_divergence}, QualityGates, "eval options", "eval")
+                      "max_kl_divergence": max_kl_divergence, "min_chat_identical": min_chat_identical,
+                      "min_chat_prefix": min_chat_prefix, "max_chat_kl": max_chat_kl}, QualityGates, "eval options", "eval")
     if read_manifest(bundle).encoder is not None:  # encoder bundles: their own metrics and gates
         from edgelm.eval.encoder import evaluate_encoder
 
@@ -231,7 +235,7 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
         return report
     result = measure(bundle, reference, windows, window_len, eval_text, list(tasks), samples, list(shots), seed,
                      progress=progress, provider=provider, formats=list(formats), selection=selection,
-                     embedder=embedder)
+                     embedder=embedder, chat_prompts=chat_prompts, chat_tokens=chat_tokens)
     report = EvalReport(result, tuple(gate_misses(result, gates, max_accuracy_drop)))
     if check:
         report.check()

@@ -180,6 +180,10 @@ def evaluate(
     max_kl_divergence: Optional[float] = typer.Option(None, "--max-kl-divergence", help="Gate: fail above this KL."),
     provider: Optional[str] = o.PROVIDER,
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Gate: fail when a task loses more accuracy than this (0.01 = 1 point)."),
+    chat_prompts: int = typer.Option(32, "--chat-prompts", help="Held-out chat prompts answered greedily by both (0: none)."),
+    chat_tokens: int = typer.Option(32, "--chat-tokens", help="Tokens per chat answer."),
+    min_chat_identical: Optional[float] = typer.Option(None, "--min-chat-identical", help="Gate: fail below this share of identical chat answers."),
+    max_chat_kl: Optional[float] = typer.Option(None, "--max-chat-kl", help="Gate: fail above this KL on the chat answers."),
 ) -> None:
     """Measure a bundle against a reference: perplexity, top-1 agreement, KL, zero/few-shot accuracy.
 
@@ -195,7 +199,8 @@ def evaluate(
                               max_perplexity_ratio=max_perplexity_ratio, min_top1_agreement=min_top1_agreement,
                               max_kl_divergence=max_kl_divergence, max_accuracy_drop=max_accuracy_drop, check=False,
                               progress=progress.update, formats=[f.strip() for f in formats.split(",") if f.strip()],
-                              selection=selection, embedder=embedder)
+                              selection=selection, embedder=embedder, chat_prompts=chat_prompts, chat_tokens=chat_tokens,
+                              min_chat_identical=min_chat_identical, max_chat_kl=max_chat_kl)
     if as_json:
         sys.stdout.write(json.dumps(report.result, indent=2) + "\n")
     else:

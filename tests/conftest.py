@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 TINY_RECIPE = """\
 max_seq_len: 256
 calibration: {samples: 6, decode_steps: 3, max_prompt_tokens: 48}
-quality: {windows: 2, window_len: 64}
+quality: {windows: 2, window_len: 64, chat_prompts: 6, chat_tokens: 8}
 """
 
 

@@ -129,6 +129,9 @@ class QualityGates(Frozen):
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
     max_kl_divergence: float | None = Field(None, gt=0.0)
+    min_chat_identical: float | None = Field(None, ge=0.0, le=1.0)
+    min_chat_prefix: float | None = Field(None, ge=0.0, le=1.0)
+    max_chat_kl: float | None = Field(None, gt=0.0)
 
 
 class EncoderSettings(Frozen):

@@ -36,6 +36,13 @@ class QualitySettings(Frozen):
     max_perplexity_ratio: float | None = Field(None, gt=1.0)
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)
     max_kl_divergence: float | None = Field(None, gt=0.0)
+    # chat fidelity (edgelm/eval/chat_fidelity.py): held-out chat prompts answered greedily by the
+    # bundle and the fp32 reference, `chat_tokens` tokens each; 0 prompts switches it off
+    chat_prompts: int = Field(32, ge=0, le=1000)
+    chat_tokens: int = Field(32, ge=1, le=512)
+    min_chat_identical: float | None = Field(None, ge=0.0, le=1.0)
+    min_chat_prefix: float | None = Field(None, ge=0.0, le=1.0)
+    max_chat_kl: float | None = Field(None, gt=0.0)
     min_mean_cosine: float | None = Field(None, ge=0.0, le=1.0)
     min_retrieval_agreement: float | None = Field(None, ge=0.0, le=1.0)
     min_label_agreement: float | None = Field(None, ge=0.0, le=1.0)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ConfigError, QualityGateError
+from edgelm.eval.chat_data import held_out_chat_prompts
+from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, fitting_prompts
 from edgelm.eval.metrics import compare
 from edgelm.eval.task_data import TASK_NAMES, load_task
 from edgelm.eval.tasks import task_accuracy
@@ -25,8 +27,25 @@ from edgelm_runtime.bundle import MANIFEST_FILE
 class TorchModel:
     """A PyTorch causal LM behind the two calls the metrics use (same as a loaded bundle)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, eos_token_ids: Sequence[int] = ()) -> None:
         self.model = model
+        self.eos = frozenset(eos_token_ids)  # the bundle's, so both stop where the runtime stops
+
+    def greedy(self, prompt_ids: Sequence[int], tokens: int) -> tuple[list[int], bool]:
+        """(the first `tokens` greedy tokens on the KV cache, whether eos came before them)."""
+        import torch
+
+        answer: list[int] = []
+        with torch.no_grad():
+            out = self.model(torch.tensor([list(prompt_ids)]), use_cache=True)
+            while True:
+                token = int(out.logits[0, -1].argmax())
+                if token in self.eos:
+                    return answer, True
+                answer.append(token)
+                if len(answer) == tokens:
+                    return answer, False
+                out = self.model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 
     def logits(self, input_ids: Sequence[int]) -> np.ndarray:
         import torch
@@ -77,16 +96,18 @@ def open_reference(spec: str | None, bundle_manifest: Any) -> tuple[Any, str]:
         specs = [AdapterSpec(path=a["path"], weight=a["weight"], sha256=a["sha256"]) for a in adapters]
         model, _ = merge_adapters(model, read_adapters(specs), probe=[[0]])
         name = f"{Path(spec).name} + {len(adapters)} adapter(s) (PyTorch fp32)"
-    return TorchModel(model), name
+    return TorchModel(model, bundle_manifest.eos_token_ids), name
 
 
 def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8, window_len: int = 256,
              eval_text: str = "builtin", tasks: Sequence[str] = ("sentiment", "topic"), samples: int = 100,
              shots: Sequence[int] = (0, 3), seed: int = 0, progress: Progress = no_progress,
              provider: str | None = None, formats: Sequence[str] = ("plain",), selection: str = "round-robin",
-             embedder: str | Path | None = None) -> dict[str, Any]:
+             embedder: str | Path | None = None, chat_prompts: int = 32, chat_tokens: int = 32) -> dict[str, Any]:
     """`selection` of the few-shot examples: round-robin over the labels, or "nearest": the pool
-    examples nearest each evaluated text by `embedder`'s embeddings (a feature-extraction bundle)."""
+    examples nearest each evaluated text by `embedder`'s embeddings (a feature-extraction bundle).
+    `chat_prompts` held-out chat prompts (0: none) are answered greedily by both, `chat_tokens`
+    each, for the chat-fidelity numbers (chat_fidelity.py)."""
     import edgelm_runtime
     from edgelm.eval.tasks import FORMATS, with_nearest_demos
 
@@ -105,6 +126,11 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
     result.update(compare(candidate, ref_model, token_ids,
                           on_window=lambda i: progress("perplexity", i, len(token_ids), f"window {i}/{len(token_ids)}")))
     result.update({"windows": windows, "window_len": window_len, "windows_sha256": fingerprint(token_ids)})
+    if chat_prompts:
+        prompts = fitting_prompts(held_out_chat_prompts(), lambda p: encode(candidate.render_chat([{"role": "user", "content": p}])),
+                                  chat_prompts, candidate.manifest.max_seq_len - chat_tokens)
+        result["chat"] = chat_fidelity(candidate, ref_model, prompts, chat_tokens,
+                                       on_prompt=lambda i: progress("chat", i, len(prompts), f"prompt {i}/{len(prompts)}"))
     result["tasks"] = {}
     scorers = (candidate.continuation_logprobs, ref_model.continuation_logprobs)
     for name in tasks:
@@ -157,7 +183,7 @@ def gate_misses(result: dict[str, Any], gates: Any, max_accuracy_drop: float | N
     `max_accuracy_drop` is in accuracy points (0.01 = one point) per task."""
     from edgelm.eval.metrics import gate_failures
 
-    failures = gate_failures(result, gates)
+    failures = gate_failures(result, gates) + chat_gate_failures(result.get("chat"), gates)
     if max_accuracy_drop is not None:
         for name, task in result["tasks"].items():
             drop = task["reference_accuracy"] - task["accuracy"]

@@ -311,12 +311,15 @@ class QualityResult(StageResult):
     windows: int = 0
     window_len: int = 0
     windows_sha256: str = ""
+    chat: dict[str, Any] = field(default_factory=dict)  # chat_fidelity's numbers ({} when switched off)
 
     def note(self) -> str:
         where = "" if (self.measured_on or self.provider) == self.provider else \
             f" (on {self.measured_on}: no {self.provider} here)"
+        chat = (f", chat: {self.chat['identical']:.0%} of {self.chat['prompts']} answers identical, "
+                f"prefix {self.chat['mean_prefix']:.0%}") if self.chat else ""
         return (f"ppl {self.perplexity:.2f} vs {self.reference_perplexity:.2f} "
-                f"(x{self.perplexity_ratio:.3f}), top-1 {self.top1_agreement:.3f}{where}")
+                f"(x{self.perplexity_ratio:.3f}), top-1 {self.top1_agreement:.3f}{chat}{where}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ gates (max_perplexity_ratio, min_top1_agreement) fail the build with the numbers
 
 from __future__ import annotations
 
+from typing import Any
+
 from edgelm.errors import ConfigError, QualityGateError
+from edgelm.eval.chat_data import held_out_chat_prompts
+from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, fitting_prompts
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.results import PackageResult, QualityResult
@@ -17,7 +21,7 @@ from edgelm.stages.package import assemble_bundle, session_options
 
 class CheckQuality:
     name = "quality"
-    title = "Check quality vs fp32 reference (perplexity, top-1 agreement)"
+    title = "Check quality vs fp32 reference (perplexity, top-1 agreement, chat answers)"
 
     def run(self, state: BuildState, progress: Progress) -> QualityResult:
         import edgelm_runtime
@@ -46,7 +50,9 @@ class CheckQuality:
                           on_window=lambda i: progress(self.name, i, len(windows), f"window {i}/{len(windows)}"))
         metrics.update({"provider": provider, "measured_on": measured_on, "eval_text": settings.eval_text, "windows": settings.windows,
                         "window_len": settings.window_len, "windows_sha256": fingerprint(windows)})
-        failures = gate_failures(metrics, settings)
+        if settings.chat_prompts:
+            metrics["chat"] = self._chat(candidate, reference, settings, progress)
+        failures = gate_failures(metrics, settings) + chat_gate_failures(metrics.get("chat"), settings)
         if failures:
             hint = "no bundle was written; use a higher-precision profile or relax quality.* in the recipe"
             prune = state.plan.prune
@@ -55,3 +61,14 @@ class CheckQuality:
                 hint += ", or recover the pruned model first (prune.recover: {steps: 300})"
             raise QualityGateError(self.name, "quality gate failed: " + "; ".join(failures), hint=hint)
         return QualityResult(**metrics)
+
+    def _chat(self, candidate: Any, reference: Any, settings: Any, progress: Progress) -> dict[str, Any]:
+        """Chat fidelity on the held-out chat prompts, rendered by the bundle's own chat template."""
+        def render(prompt: str) -> list[int]:
+            text = candidate.render_chat([{"role": "user", "content": prompt}])
+            return candidate.tokenizer.encode(text, add_special_tokens=False)
+
+        prompts = fitting_prompts(held_out_chat_prompts(), render, settings.chat_prompts,
+                                  candidate.manifest.max_seq_len - settings.chat_tokens)
+        return chat_fidelity(candidate, reference, prompts, settings.chat_tokens,
+                             on_prompt=lambda i: progress(self.name, i, len(prompts), f"chat {i}/{len(prompts)}"))
