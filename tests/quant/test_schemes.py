@@ -28,6 +28,7 @@ LABELS = {
     "cpu-int4-fast": "int4 weights, block 32, int8 compute",
     "cpu-int4": "int4 weights, block 16 asym, int8 compute",
     "cpu-int8": "int8 weights, block 32, int8 compute",
+    "cpu-int8-fidelity": "int8 weights, block 16, int8 compute",
     "cpu-w8a8": "W8A8 static QDQ on weight MatMuls (uint8 weights, uint8 activations)",
     "gpu-fp16": "fp16",
     "npu-qdq": "W8A16 static QDQ on every op (int8 weights, uint16 activations), static shapes",
@@ -42,13 +43,16 @@ PREP = {
     "cpu-int4": {"smooth": "quantization mode weight-only", "awq": None, "sensitivity": "mixed_precision is off"},
     "cpu-int8": {"smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
                  "sensitivity": "mixed_precision is off"},
+    "cpu-int8-fidelity": {"smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
+                          "sensitivity": "mixed_precision is off"},
     "cpu-w8a8": {"smooth": None, "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
     "gpu-fp16": {"smooth": "quantization mode float16", "awq": "quantization.activation_aware is off",
                  "sensitivity": "mixed_precision is off"},
     "npu-qdq": {"smooth": None, "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
 }
 
-INT8 = {"cpu-fp32": False, "cpu-int4-fast": True, "cpu-int4": True, "cpu-int8": True, "cpu-w8a8": True,
+INT8 = {"cpu-fp32": False, "cpu-int4-fast": True, "cpu-int4": True, "cpu-int8": True, "cpu-int8-fidelity": True,
+        "cpu-w8a8": True,
         "gpu-fp16": False, "npu-qdq": True}
 
 
