@@ -80,15 +80,13 @@ def chat_fidelity(candidate: Any, reference: Any, prompt_ids: Sequence[list[int]
             "same_top1": same / max(1.0, positions), "rms_delta_p": float(np.sqrt(delta / max(1.0, positions)))}
 
 
+CHAT_GATES = (("min_chat_identical", "identical", "chat answers identical", ".3f"),
+              ("min_chat_prefix", "mean_prefix", "chat mean common prefix", ".3f"),
+              ("max_chat_kl", "kl_mean", "chat KL", ".4g"))
+
+
 def chat_gate_failures(chat: dict[str, Any] | None, gates: Any) -> list[str]:
     """The chat gates (quality.min_chat_identical, min_chat_prefix, max_chat_kl) `chat` misses."""
-    if not chat:
-        return []
-    failed = []
-    if gates.min_chat_identical is not None and chat["identical"] < gates.min_chat_identical:
-        failed.append(f"chat answers identical {chat['identical']:.3f} < {gates.min_chat_identical}")
-    if gates.min_chat_prefix is not None and chat["mean_prefix"] < gates.min_chat_prefix:
-        failed.append(f"chat mean common prefix {chat['mean_prefix']:.3f} < {gates.min_chat_prefix}")
-    if gates.max_chat_kl is not None and chat["kl_mean"] > gates.max_chat_kl:
-        failed.append(f"chat KL {chat['kl_mean']:.4g} > {gates.max_chat_kl}")
-    return failed
+    from edgelm.eval.metrics import missed_gates
+
+    return missed_gates(chat, gates, CHAT_GATES) if chat else []

@@ -34,13 +34,25 @@ def compare(candidate: Any, reference: Any, windows: Sequence[list[int]],
             "top1_agreement": agree / count, "kl_divergence": kl / count, "tokens": count}
 
 
-def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
-    """Human-readable list of the gates `metrics` misses (empty: passes)."""
+# (gate field, metric key, label, format): a max_* gate fails above its value, a min_* gate below
+PROSE_GATES = (("max_perplexity_ratio", "perplexity_ratio", "perplexity ratio", ".3f"),
+               ("min_top1_agreement", "top1_agreement", "top-1 agreement", ".3f"),
+               ("max_kl_divergence", "kl_divergence", "KL divergence", ".4g"))
+
+
+def missed_gates(metrics: dict[str, float], gates: Any, table: Sequence[tuple[str, str, str, str]]) -> list[str]:
+    """Human-readable list of the gates of `table` that `metrics` misses (empty: passes)."""
     failed = []
-    if gates.max_perplexity_ratio is not None and metrics["perplexity_ratio"] > gates.max_perplexity_ratio:
-        failed.append(f"perplexity ratio {metrics['perplexity_ratio']:.3f} > {gates.max_perplexity_ratio}")
-    if gates.min_top1_agreement is not None and metrics["top1_agreement"] < gates.min_top1_agreement:
-        failed.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < {gates.min_top1_agreement}")
-    if gates.max_kl_divergence is not None and metrics["kl_divergence"] > gates.max_kl_divergence:
-        failed.append(f"KL divergence {metrics['kl_divergence']:.4g} > {gates.max_kl_divergence}")
+    for gate, key, label, fmt in table:
+        limit = getattr(gates, gate)
+        if limit is None:
+            continue
+        value = metrics[key]
+        if (value > limit) if gate.startswith("max_") else (value < limit):
+            failed.append(f"{label} {value:{fmt}} {'>' if gate.startswith('max_') else '<'} {limit}")
     return failed
+
+
+def gate_failures(metrics: dict[str, float], gates: Any) -> list[str]:
+    """The perplexity, top-1 and KL gates `metrics` misses."""
+    return missed_gates(metrics, gates, PROSE_GATES)

@@ -116,21 +116,16 @@ def test_structured_output_validates_20_of_20_at_temperature_0_7(real_int8_bundl
 
 
 def test_a_required_tool_call_through_the_server(real_int8_bundle):
-    openai = pytest.importorskip("openai")
-    from tests.runtime.test_server import _start
+    pytest.importorskip("openai")
+    from tests.runtime.test_server import openai_client, serving
 
-    process, url = _start(real_int8_bundle)
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        weather = {"type": "function", "function": {
-            "name": "get_weather", "description": "Get the current weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-        reply = client.chat.completions.create(model="smollm2-int8", messages=[
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    with serving(real_int8_bundle) as url:
+        reply = openai_client(url).chat.completions.create(model="smollm2-int8", messages=[
             {"role": "user", "content": "What is the weather in Paris?"}], tools=[weather], tool_choice="required",
             max_tokens=100)  # the model calls again, the same call: the reply ends there, one call kept
-        call = reply.choices[0].message.tool_calls[0]
-        assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-        assert json.loads(call.function.arguments) == {"city": "Paris"}
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}

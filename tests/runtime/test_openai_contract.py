@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from tests.runtime.test_server import _start
+from tests.runtime.test_server import openai_client, serving
 
 openai = pytest.importorskip("openai")
 
@@ -31,15 +31,13 @@ ANSWER = {"type": "object", "additionalProperties": False, "required": ["city", 
 
 @pytest.fixture(scope="module")
 def server(tiny_long_bundle):
-    process, url = _start(tiny_long_bundle)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(tiny_long_bundle) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def _valid_call(call, tools=(WEATHER, ADD)):

@@ -3,6 +3,7 @@ chat and completions, streaming and not, stop, max_tokens; queue full -> 429; ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -41,17 +42,30 @@ def _start(bundle, *extra: str):
     raise AssertionError("server did not start")
 
 
+@contextlib.contextmanager
+def serving(bundle, *extra: str):
+    """`edgelm serve BUNDLE` on a free port for the block: yields its base URL, stops it after."""
+    process, url = _start(bundle, *extra)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def openai_client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    process, url = _start(tiny_bundle)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(tiny_bundle) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
