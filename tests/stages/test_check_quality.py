@@ -26,8 +26,11 @@ def test_the_check_measures_the_bundle_against_fp32_and_repeats_exactly(packaged
     assert first.perplexity_ratio == pytest.approx(first.perplexity / first.reference_perplexity)
     assert 1.0 <= first.perplexity_ratio < 1.05 and first.top1_agreement >= 0.8  # 8-bit weights: close to fp32
     assert first.kl_divergence > 0 and first.measured_on == first.provider == "CPUExecutionProvider"
+    chat = first.chat  # the tiny recipe's 6 chat prompts x 8 tokens, greedy, repeated exactly above
+    assert chat["prompts"] == 6 and chat["tokens"] == 8 and 0 <= chat["identical"] <= 1
     assert first.note() == (f"ppl {first.perplexity:.2f} vs {first.reference_perplexity:.2f} "
-                            f"(x{first.perplexity_ratio:.3f}), top-1 {first.top1_agreement:.3f}")
+                            f"(x{first.perplexity_ratio:.3f}), top-1 {first.top1_agreement:.3f}, "
+                            f"chat: {chat['identical']:.0%} of 6 answers identical, prefix {chat['mean_prefix']:.0%}")
 
 
 def test_a_window_longer_than_the_context_is_refused_by_field(packaged):
