@@ -47,6 +47,18 @@ def fitting_prompts(prompts: Sequence[str], render: Callable[[str], list[int]], 
     return chosen
 
 
+def held_out_prompt_ids(bundle: Any, count: int, tokens: int) -> list[list[int]]:
+    """The first `count` held-out chat prompts, each one user turn rendered by the bundle's own
+    chat template, that leave `tokens` tokens of its context for the answer."""
+    from edgelm.eval.chat_data import held_out_chat_prompts
+
+    def render(prompt: str) -> list[int]:
+        text = bundle.render_chat([{"role": "user", "content": prompt}])
+        return bundle.tokenizer.encode(text, add_special_tokens=False)  # the template writes the specials
+
+    return fitting_prompts(held_out_chat_prompts(), render, count, bundle.manifest.max_seq_len - tokens)
+
+
 def chat_fidelity(candidate: Any, reference: Any, prompt_ids: Sequence[list[int]], tokens: int,
                   on_prompt: Callable[[int], None] = lambda i: None) -> dict[str, Any]:
     """The metrics above for `candidate` against `reference` (both expose logits(ids); bundles
@@ -60,7 +72,7 @@ def chat_fidelity(candidate: Any, reference: Any, prompt_ids: Sequence[list[int]
         identical += float(got == ref and got_ended == ref_ended)
         common = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
         prefix += common / len(ref) if ref else float(not got)
-        first += float(bool(ref) and bool(got) and got[0] == ref[0]) if ref else float(not got)
+        first += float(got[:1] == ref[:1])
         if ref:  # teacher-forced on the reference answer: the distributions at each of its positions
             whole = [*ids, *ref]
             rows = slice(len(ids) - 1, len(whole) - 1)

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import ConfigError, QualityGateError
-from edgelm.eval.chat_data import held_out_chat_prompts
-from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, fitting_prompts
+from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, held_out_prompt_ids
 from edgelm.eval.metrics import compare
 from edgelm.eval.task_data import TASK_NAMES, load_task
 from edgelm.eval.tasks import task_accuracy
@@ -127,8 +126,7 @@ def evaluate(bundle: str | Path, reference: str | None = None, windows: int = 8,
                           on_window=lambda i: progress("perplexity", i, len(token_ids), f"window {i}/{len(token_ids)}")))
     result.update({"windows": windows, "window_len": window_len, "windows_sha256": fingerprint(token_ids)})
     if chat_prompts:
-        prompts = fitting_prompts(held_out_chat_prompts(), lambda p: encode(candidate.render_chat([{"role": "user", "content": p}])),
-                                  chat_prompts, candidate.manifest.max_seq_len - chat_tokens)
+        prompts = held_out_prompt_ids(candidate, chat_prompts, chat_tokens)
         result["chat"] = chat_fidelity(candidate, ref_model, prompts, chat_tokens,
                                        on_prompt=lambda i: progress("chat", i, len(prompts), f"prompt {i}/{len(prompts)}"))
     result["tasks"] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,11 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 
 def grammar_spec(json_schema: Any = None, regex: str | None = None, choices: Sequence[str] | None = None,
-                 grammar: str | None = None) -> str | None:
-    """llguidance's grammar for the one constraint given (None when none is). `json_schema` is a
-    dict (or its JSON text), `regex` a Rust-syntax regex over the whole output, `choices` the exact
-    strings allowed, `grammar` a Lark grammar (llguidance's dialect: `%json {...}` embeds a schema)."""
+                 grammar: str | None = None) -> tuple[str, str] | None:
+    """(llguidance's grammar, the argument's name) for the one constraint given (None when none
+    is). `json_schema` is a dict (or its JSON text), `regex` a Rust-syntax regex over the whole
+    output, `choices` the exact strings allowed, `grammar` a Lark grammar (llguidance's dialect:
+    `%json {...}` embeds a schema)."""
     from llguidance import LLMatcher
 
     given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choices", choices),
@@ -80,11 +82,11 @@ def _choices_lark(choices: Sequence[str]) -> str:
     return "start: " + " | ".join(json.dumps(choice) for choice in choices)  # Lark strings take JSON escapes
 
 
-def _bounded(spec: str, what: str) -> str:
+def _bounded(spec: str, what: str) -> tuple[str, str]:
     if len(spec) > MAX_GRAMMAR_CHARS:
         raise GenerationError(f"{what} is {len(spec)} characters as a grammar; at most {MAX_GRAMMAR_CHARS} are allowed",
                               hint=f"pass a smaller {what}")
-    return spec
+    return spec, what
 
 
 class GrammarTokenizer:
@@ -124,7 +126,6 @@ class TokenConstraint:
     def __init__(self, matcher: Any, vocab_size: int, what: str) -> None:
         self._matcher, self._what = matcher, what
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
-        self._vocab_size = vocab_size
         self.stats = ConstraintStats()
         self._check()
 
@@ -134,8 +135,6 @@ class TokenConstraint:
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """A copy of the (V,) logits with every token the grammar forbids at -inf."""
-        from time import perf_counter
-
         start = perf_counter()
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         self._check()
@@ -146,8 +145,6 @@ class TokenConstraint:
         return masked
 
     def advance(self, token: int) -> None:
-        from time import perf_counter
-
         start = perf_counter()
         self._matcher.consume_token(int(token))
         self._check()

@@ -94,8 +94,10 @@ class Generation:
                         stream.close()
                         break
                     put((index, piece, recorder.take() if recorder else []))
+                    if p.tools is None:
+                        continue
                     text += piece
-                    if p.tools is not None and CLOSE in text[-len(piece) - len(CLOSE):] and repeats_a_call(text):
+                    if CLOSE in text[-len(piece) - len(CLOSE):] and repeats_a_call(text):
                         stream.close()  # the model loops on a call it already made: the reply ends here
                         break
                 self.stats.append(self.llm.last_stats)

@@ -164,15 +164,13 @@ class LanguageModel:
                    grammar: str | None = None) -> TokenConstraint | None:
         """A fresh matcher for one generation (None without a constraint); a schema or grammar
         that does not compile is a GenerationError here, before anything is generated."""
-        spec = grammar_spec(json_schema, regex, choices, grammar)
-        if spec is None:
+        given = grammar_spec(json_schema, regex, choices, grammar)
+        if given is None:
             return None
         if self._grammar_tokenizer is None:
             self._grammar_tokenizer = GrammarTokenizer(self._tokenizer.to_json(), self._manifest.vocab_size,
                                                        self._manifest.eos_token_ids)
-        what = next(name for name, value in (("json_schema", json_schema), ("regex", regex), ("choices", choices),
-                                             ("grammar", grammar)) if value is not None)
-        return self._grammar_tokenizer.constraint(spec, what)
+        return self._grammar_tokenizer.constraint(*given)
 
     def fit_history(self, messages: Messages, max_new_tokens: int | None = None) -> Messages:
         """The conversation trimmed so its prompt leaves room for the answer (`max_new_tokens`, at

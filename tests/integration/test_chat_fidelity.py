@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 
 from edgelm.eval.chat_data import held_out_chat_prompts
-from edgelm.eval.chat_fidelity import chat_fidelity, fitting_prompts
+from edgelm.eval.chat_fidelity import chat_fidelity, held_out_prompt_ids
 
 
 def _prompts(llm, count=6, tokens=8):
-    render = lambda p: llm.tokenizer.encode(llm.render_chat([{"role": "user", "content": p}]),  # noqa: E731
-                                            add_special_tokens=False)
-    return fitting_prompts(held_out_chat_prompts(), render, count, llm.manifest.max_seq_len - tokens)
+    return held_out_prompt_ids(llm, count, tokens)
 
 
 def test_a_bundle_against_itself_is_exact(tiny_bundle):

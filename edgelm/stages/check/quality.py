@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgelm.errors import ConfigError, QualityGateError
-from edgelm.eval.chat_data import held_out_chat_prompts
-from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, fitting_prompts
+from edgelm.eval.chat_fidelity import chat_fidelity, chat_gate_failures, held_out_prompt_ids
 from edgelm.eval.metrics import compare
 from edgelm.eval.text import eval_windows, fingerprint
 from edgelm.pipeline.results import PackageResult, QualityResult
@@ -64,11 +63,6 @@ class CheckQuality:
 
     def _chat(self, candidate: Any, reference: Any, settings: Any, progress: Progress) -> dict[str, Any]:
         """Chat fidelity on the held-out chat prompts, rendered by the bundle's own chat template."""
-        def render(prompt: str) -> list[int]:
-            text = candidate.render_chat([{"role": "user", "content": prompt}])
-            return candidate.tokenizer.encode(text, add_special_tokens=False)
-
-        prompts = fitting_prompts(held_out_chat_prompts(), render, settings.chat_prompts,
-                                  candidate.manifest.max_seq_len - settings.chat_tokens)
+        prompts = held_out_prompt_ids(candidate, settings.chat_prompts, settings.chat_tokens)
         return chat_fidelity(candidate, reference, prompts, settings.chat_tokens,
                              on_prompt=lambda i: progress(self.name, i, len(prompts), f"chat {i}/{len(prompts)}"))
