@@ -26,6 +26,18 @@ Measured the way edgelm_runtime/bench.py's own worker measures a bundle:
   next), get_next_tokens and an incremental detokenization with the tokenizer stream. Generation is
   forced to length with min_length = max_length (genai suppresses eos below min_length); the
   worker checks it got every token.
+
+Chat mode, for benchmarks/peer_chat_agreement.py (same --model and --threads, no bench protocol):
+
+    /path/to/genai-venv/bin/python benchmarks/genai_worker.py --model DIR --threads 2 \
+        --chat REQUEST.json --out RESULT.npz
+
+REQUEST.json: {"prompts": [[ids]...], "tokens": T, "answers": [[ids]...] or null, "check_text": str}.
+For each prompt: the greedy answer (fresh generator, max_length = prompt + T, stops at eos, which
+is not included), then a fresh generator on prompt + teacher answer (the request's answers, or its
+own when null) and the logits of its one prefill run (genai returns every position's) at the rows
+that predict the teacher's tokens. RESULT.npz: `logits` (those rows of all prompts, concatenated,
+float32) and `meta` (JSON bytes: answers, ended, check_ids = the tokenizer's ids for check_text).
 """
 
 from __future__ import annotations
@@ -53,13 +65,55 @@ def _precision(model_dir: Path, filename: str) -> str:
     return ""
 
 
+def chat(og: Any, model: Any, tokenizer: Any, request: dict[str, Any], out: Path) -> None:
+    """Chat mode (see above): greedy answers and teacher-forced logits, all prompts in this process."""
+    import numpy as np
+
+    eos = {int(t) for t in tokenizer.eos_token_ids}
+    tokens, teachers = request["tokens"], request.get("answers")
+
+    def generator(max_length: int) -> Any:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=max_length)
+        return og.Generator(model, params)
+
+    answers, ended, rows = [], [], []
+    for i, ids in enumerate(request["prompts"]):
+        gen = generator(len(ids) + tokens)
+        gen.append_tokens(ids)
+        answer, stop = [], False
+        while len(answer) < tokens:
+            gen.generate_next_token()  # the first one picks from the prefill's logits
+            token = int(gen.get_next_tokens()[0])
+            if token in eos:
+                stop = True
+                break
+            answer.append(token)
+        del gen
+        answers.append(answer)
+        ended.append(stop)
+        teacher = answer if teachers is None else teachers[i]
+        if teacher:
+            gen = generator(len(ids) + len(teacher))
+            gen.append_tokens([*ids, *teacher])
+            rows.append(np.asarray(gen.get_output("logits"), dtype=np.float32)[0, len(ids) - 1: -1])
+            del gen
+    logits = np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+    meta = {"answers": answers, "ended": ended, "check_ids": [int(t) for t in tokenizer.encode(request["check_text"])]}
+    np.savez(out, logits=logits, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="onnxruntime-genai model folder")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
     parser.add_argument("--tokens", type=int, default=128, help="decode tokens per repetition")
     parser.add_argument("--precision", help="label for the row name (default: read from the model)")
+    parser.add_argument("--chat", type=Path, help="chat mode: a request JSON (see above)")
+    parser.add_argument("--out", type=Path, help="chat mode: where to write the result .npz")
     args = parser.parse_args()
+    if bool(args.chat) != bool(args.out):
+        parser.error("--chat and --out go together")
 
     import numpy as np
     import onnxruntime_genai as og
@@ -77,6 +131,9 @@ def main() -> None:
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     load_s = time.perf_counter() - _STARTED
+    if args.chat:
+        chat(og, model, tokenizer, json.loads(args.chat.read_text()), args.out)
+        return
 
     decode_tokens = args.tokens
     genai_config = json.loads((model_dir / "genai_config.json").read_text())

@@ -34,6 +34,7 @@ from edgelm.stages.encoder.export import ExportEncoder, FuseEncoder
 from edgelm.stages.encoder.load import EncoderPreflight, LoadEncoder, checkpoint_task
 from edgelm.stages.encoder.package import PackageEncoder, QuantizeEncoder
 from edgelm.stages.encoder.quality import CheckEncoderQuality
+from edgelm.stages.compress.rotate import Rotate
 from edgelm.stages.compress.smooth import Smooth
 from edgelm.stages.export.decoder import ExportOnnx
 from edgelm.stages.export.static import ExportStatic
@@ -51,7 +52,7 @@ PHASES = (
     ("preflight", (Preflight(),)),                  # inputs checked in a second, before any weight loads
     ("load", (LoadModel(),)),                        # fp32 weights from safetensors or GGUF, tokenizer, template
     ("adapt", (MergeAdapters(),)),                   # LoRA adapters merged, checked against the unmerged model
-    ("compress", (Prune(), Smooth(), ActivationAwareScales(), MeasureSensitivity())),  # torch-side, before export
+    ("compress", (Prune(), Rotate(), Smooth(), ActivationAwareScales(), MeasureSensitivity())),  # torch-side, before export
     ("export", (ExportOnnx(), ExportStatic())),      # ONNX with a KV cache (+ fixed-shape graphs for NPUs)
     ("optimize", (FuseGraph(),)),                    # onnxruntime's transformer fusions, parity re-checked
     ("quantize", (Quantize(),)),                     # the profile's scheme (edgelm/quant/)

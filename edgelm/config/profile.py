@@ -71,6 +71,16 @@ class StaticQDQ(Frozen):
     # weight-matmuls: QDQ on the inputs of weight MatMuls only, the rest float (CPUs: measured best);
     # all: QDQ on every op with onnxruntime's QNN rules (get_qnn_qdq_config), what an NPU runs.
     ops: Literal["weight-matmuls", "all"] = "weight-matmuls"
+    # hadamard: rotate the residual stream, value heads and down inputs before export (QuaRot-style,
+    # edgelm/stages/compress/rotate.py), so outliers spread over every channel; fp32 function unchanged.
+    rotation: Literal["none", "hadamard"] = "none"
+
+    @model_validator(mode="after")
+    def _rotation_replaces_smoothing(self) -> "StaticQDQ":
+        if self.rotation != "none" and self.smoothquant_alpha is not None:
+            raise ValueError("rotation: hadamard replaces SmoothQuant (its scales cannot fold through the online "
+                             "rotation); set smoothquant_alpha: null")
+        return self
 
 
 class WeightOnly(Frozen):
@@ -96,6 +106,9 @@ class WeightOnly(Frozen):
     # In a 4-bit build, MatMuls kept at 8 bits, by module path substring (e.g. "mlp.", "lm_head"):
     # llama.cpp's Q4_K_M does the same with 6 bits for its most sensitive tensors.
     keep_int8: tuple[str, ...] = ()
+    # hadamard: rotate before export (edgelm/stages/compress/rotate.py), so that the int8 activation
+    # blocks of accuracy level 4 and the weight blocks hold no outlier; the fp32 function is unchanged.
+    rotation: Literal["none", "hadamard"] = "none"
 
     @model_validator(mode="after")
     def _symmetric_needs_rtn(self) -> "WeightOnly":
@@ -103,6 +116,9 @@ class WeightOnly(Frozen):
             raise ValueError(f"symmetric: true needs algorithm rtn ({self.algorithm} quantizes asymmetrically)")
         if self.keep_int8 and self.bits != 4:
             raise ValueError("keep_int8 needs bits: 4 (every MatMul is already 8-bit)")
+        if self.rotation != "none" and self.activation_aware:
+            raise ValueError("rotation: hadamard and activation_aware: true do not combine (AWQ's scales cannot fold "
+                             "through the online rotation); choose one")
         return self
 
 

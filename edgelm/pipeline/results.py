@@ -143,6 +143,23 @@ class PruneResult(StageResult):
 
 
 @dataclass(frozen=True)
+class RotateResult(StageResult):
+    stage: ClassVar[str] = "rotate"
+    hidden_rotation: str | None = None
+    head_rotation: str | None = None
+    online_rotation: str | None = None
+    untied_head: bool | None = None
+    layers: int | None = None
+    parity: float | None = None   # max |logit change| / max |logit| on calibration prompts
+
+    def note(self) -> str:
+        if self.skipped:
+            return self.skipped
+        return (f"{self.hidden_rotation} (residual), {self.head_rotation} (values), {self.online_rotation} online "
+                f"(down inputs) in {self.layers} layers; logits moved {self.parity:.2g}")
+
+
+@dataclass(frozen=True)
 class SmoothResult(StageResult):
     stage: ClassVar[str] = "smooth"
     max_outlier_ratio_before: float | None = None

@@ -11,6 +11,8 @@ from typing import Any
 # The pre-export passes a scheme may ask for (their stage names), each with the reason it records
 # when the profile's scheme does not use it (the manifest and the summary show these).
 PREP_PASSES: dict[str, Callable[[Any], str]] = {
+    "rotate": lambda settings: ("quantization.rotation is none" if hasattr(settings, "rotation")  # Hadamard (QuaRot-style)
+                                else f"quantization mode {settings.mode}"),
     "smooth": lambda settings: f"quantization mode {settings.mode}",   # activation stats + SmoothQuant
     "awq": lambda settings: "quantization.activation_aware is off",   # activation-aware weight scales
     "sensitivity": lambda settings: "mixed_precision is off",         # per-group int8 KL (mixed precision)

@@ -12,8 +12,11 @@ import onnx
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
-    """{node name: module path} of MatMuls with a constant weight, e.g. "layers.3.mlp.<projection>"."""
-    initializers = {init.name for init in model.graph.initializer}
+    """{node name: module path} of MatMuls with a constant weight, e.g. "layers.3.mlp.<projection>".
+    An online Hadamard rotation's MatMuls (quant/rotation.py) are not weights: they stay float."""
+    from edgelm.quant.rotation import ROTATION_MODULE
+
+    initializers = {init.name for init in model.graph.initializer if ROTATION_MODULE not in init.name}
     return {n.name: module_path(n) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
 
 

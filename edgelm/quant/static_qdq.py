@@ -187,7 +187,8 @@ def label(profile: Any) -> str:
     bits = f"W8A{16 if q.activation_dtype == 'uint16' else 8}"
     scope = "every op" if q.ops == "all" else "weight MatMuls"
     static = ", static shapes" if profile.export.static_shapes else ""
-    return f"{bits} static QDQ on {scope} ({q.weight_dtype} weights, {q.activation_dtype} activations){static}"
+    rotated = ", Hadamard-rotated" if q.rotation != "none" else ""
+    return f"{bits} static QDQ on {scope} ({q.weight_dtype} weights, {q.activation_dtype} activations){static}{rotated}"
 
 
 def note(facts: dict[str, Any]) -> str:
@@ -221,5 +222,5 @@ SCHEME = Scheme(
     needs=lambda settings: frozenset({INT8_DOT_PRODUCT}),
     # Smooth always runs: its activation stats rank MatMuls for mixed precision and its ranges feed
     # the sensitivity probe; it smooths only when smoothquant_alpha is set.
-    prep={"smooth": lambda settings: True, "sensitivity": lambda settings: settings.mixed_precision == "auto"},
+    prep={"rotate": lambda settings: settings.rotation != "none", "smooth": lambda settings: True, "sensitivity": lambda settings: settings.mixed_precision == "auto"},
 )

@@ -43,7 +43,8 @@ def quantize(state: Any, settings: WeightOnly, progress: Any) -> dict[str, Any]:
 def label(profile: Any) -> str:
     q = profile.quantization
     compute = "int8 compute" if q.accuracy_level == 4 else "float compute"
-    return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}"
+    rotated = ", Hadamard-rotated" if q.rotation != "none" else ""
+    return f"int{q.bits} weights, block {q.block_size}{'' if q.symmetric else ' asym'}, {compute}{rotated}"
 
 
 def note(facts: dict[str, Any]) -> str:
@@ -59,4 +60,5 @@ def needs(settings: WeightOnly) -> frozenset[str]:
 
 
 SCHEME = Scheme(mode="weight-only", quantize=quantize, label=label, note=note, needs=needs,
-                prep={"awq": lambda settings: settings.activation_aware})
+                prep={"awq": lambda settings: settings.activation_aware,
+                      "rotate": lambda settings: settings.rotation != "none"})

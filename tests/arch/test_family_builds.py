@@ -1,5 +1,5 @@
 """Every family through every stage that applies, as a user builds it: cpu-int8, cpu-int4 (AWQ,
-mixed 4/8-bit, int4 embeddings), cpu-w8a8 (SmoothQuant + static QDQ), npu-qdq where the family's
+mixed 4/8-bit, int4 embeddings), cpu-w8a8 (Hadamard rotations + static QDQ), npu-qdq where the family's
 attention fits one mask (else refused by name), and a pruned build with a LoRA adapter merged.
 Each build passes its profile's quality gates (the build fails otherwise) and the bundle answers."""
 

@@ -20,6 +20,7 @@ from edgelm.errors import ConfigError
 from edgelm.hardware import computes_in_int8, hardware_needs
 from edgelm.quant import PREP_PASSES, SCHEMES, scheme_for, scheme_for_mode
 from edgelm.stages.compress.awq import ActivationAwareScales
+from edgelm.stages.compress.rotate import Rotate
 from edgelm.stages.compress.sensitivity import MeasureSensitivity
 from edgelm.stages.compress.smooth import Smooth
 
@@ -27,28 +28,32 @@ LABELS = {
     "cpu-fp32": "fp32",
     "cpu-int4-fast": "int4 weights, block 32, int8 compute",
     "cpu-int4": "int4 weights, block 16 asym, int8 compute",
-    "cpu-int8": "int8 weights, block 32, int8 compute",
+    "cpu-int8": "int8 weights, block 32, int8 compute, Hadamard-rotated",
     "cpu-int8-fidelity": "int8 weights, block 16, int8 compute",
-    "cpu-w8a8": "W8A8 static QDQ on weight MatMuls (uint8 weights, uint8 activations)",
+    "cpu-w8a8": "W8A8 static QDQ on weight MatMuls (uint8 weights, uint8 activations), Hadamard-rotated",
     "gpu-fp16": "fp16",
-    "npu-qdq": "W8A16 static QDQ on every op (int8 weights, uint16 activations), static shapes",
+    "npu-qdq": "W8A16 static QDQ on every op (int8 weights, uint16 activations), static shapes, Hadamard-rotated",
 }
 
 # profile -> {pre-export pass: None when it runs, else the reason it records}
+NO_ROTATION = "quantization.rotation is none"
 PREP = {
-    "cpu-fp32": {"smooth": "quantization mode none", "awq": "quantization.activation_aware is off",
+    "cpu-fp32": {"rotate": "quantization mode none", "smooth": "quantization mode none",
+                 "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
+    "cpu-int4-fast": {"rotate": NO_ROTATION, "smooth": "quantization mode weight-only",
+                      "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
+    "cpu-int4": {"rotate": NO_ROTATION, "smooth": "quantization mode weight-only", "awq": None,
                  "sensitivity": "mixed_precision is off"},
-    "cpu-int4-fast": {"smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
-                      "sensitivity": "mixed_precision is off"},
-    "cpu-int4": {"smooth": "quantization mode weight-only", "awq": None, "sensitivity": "mixed_precision is off"},
-    "cpu-int8": {"smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
+    "cpu-int8": {"rotate": None, "smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
                  "sensitivity": "mixed_precision is off"},
-    "cpu-int8-fidelity": {"smooth": "quantization mode weight-only", "awq": "quantization.activation_aware is off",
-                          "sensitivity": "mixed_precision is off"},
-    "cpu-w8a8": {"smooth": None, "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
-    "gpu-fp16": {"smooth": "quantization mode float16", "awq": "quantization.activation_aware is off",
+    "cpu-int8-fidelity": {"rotate": NO_ROTATION, "smooth": "quantization mode weight-only",
+                          "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
+    "cpu-w8a8": {"rotate": None, "smooth": None, "awq": "quantization.activation_aware is off",
                  "sensitivity": "mixed_precision is off"},
-    "npu-qdq": {"smooth": None, "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
+    "gpu-fp16": {"rotate": "quantization mode float16", "smooth": "quantization mode float16",
+                 "awq": "quantization.activation_aware is off", "sensitivity": "mixed_precision is off"},
+    "npu-qdq": {"rotate": None, "smooth": None, "awq": "quantization.activation_aware is off",
+                "sensitivity": "mixed_precision is off"},
 }
 
 INT8 = {"cpu-fp32": False, "cpu-int4-fast": True, "cpu-int4": True, "cpu-int8": True, "cpu-int8-fidelity": True,
@@ -120,7 +125,7 @@ def test_the_unit_decides_which_prep_passes_apply(name):
 def test_the_prep_stages_record_the_units_skip_reason(name):
     """The stages ask the unit: a skipped pass returns its reason before touching the model."""
     state = SimpleNamespace(plan=SimpleNamespace(profile=load_profile(name)))
-    for stage in (Smooth(), ActivationAwareScales(), MeasureSensitivity()):
+    for stage in (Rotate(), Smooth(), ActivationAwareScales(), MeasureSensitivity()):
         reason = PREP[name][stage.name]
         if reason is not None:
             assert stage.run(state, lambda *a: None).record() == {"skipped": reason}

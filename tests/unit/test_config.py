@@ -19,7 +19,8 @@ def test_builtin_profiles_load_with_their_capabilities():
     w8a8 = profiles["cpu-w8a8"].quantization
     assert isinstance(w8a8, StaticQDQ) and w8a8.per_channel and w8a8.activation_dtype == "uint8"
     int8, int4 = profiles["cpu-int8"].quantization, profiles["cpu-int4"].quantization
-    assert isinstance(int8, WeightOnly) and int8.bits == 8 and int8.accuracy_level == 4
+    assert isinstance(int8, WeightOnly) and int8.bits == 8 and int8.accuracy_level == 4 and int8.rotation == "hadamard"
+    assert w8a8.rotation == "hadamard" and w8a8.smoothquant_alpha is None and profiles["npu-qdq"].quantization.rotation == "hadamard"
     assert isinstance(int4, WeightOnly) and int4.bits == 4 and int4.activation_aware and int4.embeddings == "int4"
     assert profiles["cpu-fp32"].quantization.mode == "none"
 
@@ -171,7 +172,7 @@ def test_unknown_adapter_field_named(tmp_path):
 
 @pytest.mark.parametrize("profile,edit,field", [
     ("cpu-int4", ('"block_size":16', '"block_size":7'), "quantization.weight-only.block_size"),
-    ("cpu-w8a8", ('"smoothquant_alpha":0.5', '"smoothquant_alpha":-0.5'), "quantization.static-qdq.smoothquant_alpha"),
+    ("cpu-w8a8", ('"smoothquant_alpha":null', '"smoothquant_alpha":-0.5'), "quantization.static-qdq.smoothquant_alpha"),
 ])
 def test_out_of_range_profile_values_name_the_field(tmp_path, profile, edit, field):
     text = load_profile(profile).model_dump_json()

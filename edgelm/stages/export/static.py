@@ -23,6 +23,7 @@ import numpy as np
 
 from edgelm.arch import for_model
 from edgelm.errors import StageError
+from edgelm.quant.rotation import ROTATION_MODULE
 from edgelm.pipeline.results import StaticResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import PARITY_TEXT, export_failure, io_names, kv_shape
@@ -111,6 +112,8 @@ def static_decoder(model: Any, seq: int, window: int, positions: int, projection
         def linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
             """x (1, seq, in) through `module` (a Linear)."""
             kernel = getattr(self, self.kernel_names[id(module)])
+            if hasattr(module, ROTATION_MODULE):  # a rotated down projection (compress/rotate.py)
+                x = getattr(module, ROTATION_MODULE)(x)
             if projections == "conv1x1":
                 # (1, in, 1, seq) is NHWC's (1, 1, seq, in) seen as NCHW: on an NHWC NPU the
                 # transposes around the Conv cancel with the layout transform's own
