@@ -114,7 +114,8 @@ def eval_table(result: dict[str, Any]) -> Table:
 def bench_table(result: dict[str, Any]) -> Table:
     """One row per bundle: medians (min-max for decode), and the decode ratio against the first."""
     rows = result["bundles"]
-    lengths = list(rows[0]["ttft_ms"])
+    # every length any bundle measured; a prompt longer than a bundle's window (npu-qdq) reads "-"
+    lengths = sorted({n for row in rows for n in row["ttft_ms"]}, key=int)
     table = Table("bundle", "MB", "load s", "RSS MB", f"TTFT ms {'/'.join(lengths)}", "prefill tok/s",
                   "decode tok/s", "model only", "µs/tok rest", "µs/tok grammar", "ratio", title="edgelm bench")
     table.columns[0].no_wrap = True
@@ -123,7 +124,8 @@ def bench_table(result: dict[str, Any]) -> Table:
         decode = detail["decode_tokens_per_s"]
         rest = detail["sampling_us"]["median"] + detail["detokenize_us"]["median"]
         table.add_row(row["name"], f"{row['size_mb']:.0f}", f"{row['load_s']:.2f}", f"{row['peak_rss_mb']:.0f}",
-                      "/".join(f"{row['ttft_ms'][n]:.0f}" for n in lengths), f"{row['prefill_tokens_per_s']:.0f}",
+                      "/".join(f"{row['ttft_ms'][n]:.0f}" if n in row["ttft_ms"] else "-" for n in lengths),
+                      f"{row['prefill_tokens_per_s']:.0f}",
                       f"{decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f})",
                       f"{detail['decode_model_tokens_per_s']['median']:.1f}", f"{rest:.0f}",
                       f"{detail['grammar_us']['median']:.0f}" if "grammar_us" in detail else "-",

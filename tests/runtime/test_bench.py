@@ -54,3 +54,16 @@ def test_cli_bench_table(tiny_bundle):
                             capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", **__import__("os").environ})
     assert result.returncode == 0, result.stderr
     assert "edgelm bench" in result.stdout and "x1.00" in result.stdout
+
+
+def test_cli_bench_table_with_bundles_of_different_windows(tiny_bundle, tiny_static_bundles):
+    """A static NPU bundle's window (128 here) holds fewer TTFT prompt lengths than a dynamic one:
+    the table shows "-" for the lengths a bundle could not measure, not a traceback."""
+    result = subprocess.run([sys.executable, "-m", "edgelm.cli", "bench", str(tiny_bundle), str(tiny_static_bundles["fp32"]),
+                             "--provider", "CPUExecutionProvider", "--threads", "1", "--repeats", "1", "--warmup", "0",
+                             "--decode-tokens", "4"],
+                            capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", **__import__("os").environ})
+    assert result.returncode == 0, result.stderr
+    static_row = next(line for line in result.stdout.splitlines()
+                      if tiny_static_bundles["fp32"].name in line and "│" in line)  # the table, not the progress
+    assert "/-" in static_row
