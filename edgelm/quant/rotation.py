@@ -1,4 +1,4 @@
-"""Hadamard rotations for static W8A8: the matrices, and the online rotation a graph runs.
+"""Hadamard rotations for int8 (static W8A8 and weight-only): the matrices, and the online rotation a graph runs.
 
 An orthogonal Q applied to an activation (x -> xQ) and undone in the weights that read it
 (W -> WQ) leaves the function unchanged, but spreads a channel's outlier over every channel, so
