@@ -257,7 +257,7 @@ def manifest_summary(manifest: Manifest) -> Table:
         static = manifest.static
         table.add_row("static shapes", f"prefill {static.prefill_len} tokens per run, decode 1, KV window "
                                        f"{static.kv_window} (the context limit)")
-    for name in ("prune", "export", "encoder_export", "static", "fuse", "quantize", "encoder_quantize", "device",
+    for name in ("prune", "rotate", "export", "encoder_export", "static", "fuse", "quantize", "encoder_quantize", "device",
                  "quality", "encoder_quality"):
         result = from_record(name, stages[name]) if name in stages else None
         if result is not None and result.shown:

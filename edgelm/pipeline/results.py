@@ -351,7 +351,7 @@ class ManifestResult(StageResult):
 
 
 RESULT_TYPES: dict[str, type[StageResult]] = {cls.stage: cls for cls in (
-    PreflightResult, LoadResult, AdaptersResult, PruneResult, SmoothResult, AwqResult, SensitivityResult, ExportResult,
+    PreflightResult, LoadResult, AdaptersResult, PruneResult, RotateResult, SmoothResult, AwqResult, SensitivityResult, ExportResult,
     StaticResult, FuseResult, QuantizeResult, DeviceResult, PackageResult, QualityResult, ManifestResult)}
 
 

@@ -153,8 +153,8 @@ def test_a_rotated_npu_build_runs_the_online_rotation_in_its_static_graphs(tiny_
 
 
 def test_a_rotated_weight_only_build_keeps_the_rotation_in_float(tiny_model_dir, tiny_recipe, tmp_path):
-    """cpu-int8 with rotation: every projection is a MatMulNBits, the online rotation a float MatMul
-    (its constant first), and the bundle still answers as its unrotated build does."""
+    """cpu-int8 with rotation: every projection is a MatMulNBits, the online rotation a float MatMul,
+    `edgelm inspect` shows the rotation, and the bundle still answers as its unrotated build does."""
     import edgelm_runtime as er
 
     data = load_profile("cpu-int8").model_dump(mode="json")
@@ -165,7 +165,13 @@ def test_a_rotated_weight_only_build_keeps_the_rotation_in_float(tiny_model_dir,
     graph = onnx.load(str(report.output / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == report.facts["quantize"]["quantized_matmuls"] > 0
     assert len(_rotation_matmuls(graph)) == 2
-    plain = _build(tiny_model_dir, tiny_recipe, "cpu-int8", tmp_path / "int8-plain")
+    from tests.integration.test_cli import _run
+
+    shown = _run("inspect", str(report.output)).output  # the manifest's rotate record reads back as a row
+    assert "rotate" in shown and "Hadamard 64 (residual)" in shown
+    data["name"], data["quantization"]["rotation"] = "cpu-int8-unrotated", "none"
+    path.write_text(yaml.safe_dump(data))
+    plain = _build(tiny_model_dir, tiny_recipe, str(path), tmp_path / "int8-plain")
     prompt = "The quick brown fox"
     rotated_answer = er.load_bundle(report.output).generate(prompt, max_new_tokens=8)
     assert rotated_answer == er.load_bundle(plain.output).generate(prompt, max_new_tokens=8)
