@@ -107,10 +107,12 @@ def rotate_model(model: Any, seed: int = 0) -> dict[str, Any]:
                 columns = output.weight[:, h * head_dim:(h + 1) * head_dim]
                 columns.copy_(columns.float() @ q2)
             _online_down(down)
-    intermediate = arch.role(arch.layers(model)[0], "down", config).linear.in_features
+    online = getattr(arch.role(arch.layers(model)[0], "down", config).linear, ROTATION_MODULE)
+    intermediate = online.blocks * len(online.right)
+    whole = online.left_t is not None or online.blocks == 1  # else a Hadamard within each block (online_factors)
     return {"hidden_rotation": f"{'Hadamard' if is_hadamard(hidden) else 'random orthogonal'} {hidden}",
             "head_rotation": f"{'Hadamard' if is_hadamard(head_dim) else 'random orthogonal'} {head_dim}",
-            "online_rotation": f"{'Hadamard' if is_hadamard(intermediate) else 'blockwise Hadamard'} {intermediate}",
+            "online_rotation": f"{'Hadamard' if whole else f'blockwise Hadamard {len(online.right)} of'} {intermediate}",
             "untied_head": tied, "layers": len(arch.layers(model))}
 
 
