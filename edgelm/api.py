@@ -8,7 +8,7 @@ the fp32 export, and only then writes manifest.json, once, from the typed stage 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,14 +97,16 @@ class BuildReport:
 def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, model: str | None = None,
                name: str | None = None, overrides: BuildOverrides | None = None,
                accuracy_budget: float | None = None, adapters: Sequence[str] | None = None,
-               from_bundle: str | Path | None = None) -> BuildPlan:
+               from_bundle: str | Path | None = None, fields: Mapping[str, Any] | None = None,
+               source: str = "build options") -> BuildPlan:
     """Resolve profile + recipe (or a bundle's recorded plan) + options into a BuildPlan.
 
     Precedence: defaults < profile < recipe < command line; --profile beats the recipe's profile,
     and --adapter (one or more) replaces the recipe's adapter list. `accuracy_budget` (a perplexity
     ratio, e.g. 1.02) becomes the perplexity gate and turns on the mixed-precision search, which
     keeps the fewest MatMuls in fp32 that meet it. Paths given here are made absolute, so the plan
-    stored in the manifest rebuilds from anywhere."""
+    stored in the manifest rebuilds from anywhere. `fields` are dotted plan fields over everything
+    (`{"prune.mlp_fraction": 0.1}`: a matrix variant); `source` names them in a validation error."""
     if overrides is not None and not isinstance(overrides, BuildOverrides):
         raise TypeError(f"overrides: a BuildOverrides, not {type(overrides).__name__} "
                         "(e.g. BuildOverrides(max_seq_len=512, samples=8))")
@@ -112,7 +114,7 @@ def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, 
         raise ConfigError("--from-bundle and --recipe both give a plan", hint="pass one of them")
     # org/name (not a local path) stays as given: locate_model resolves it in the Hugging Face cache
     merged = {"model": model if model and looks_like_hub_name(model) else _absolute(model),
-              **(overrides.plan_fields() if overrides else {})}
+              **(overrides.plan_fields() if overrides else {}), **(fields or {})}
     if adapters:
         merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"])} for parsed in map(parse_adapter, adapters)]
     if from_bundle is not None:
@@ -121,7 +123,7 @@ def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, 
     device = load_profile(profile or loaded.profile or "cpu-int8")
     merged["name"] = name
     _budget(merged, device, accuracy_budget)
-    return resolve(loaded, device, merged)
+    return resolve(loaded, device, merged, source=source)
 
 
 def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merged: dict[str, Any],
@@ -241,3 +243,14 @@ def evaluate(bundle: str | Path, *, reference: str | None = None, windows: int =
     if check:
         report.check()
     return report
+
+
+def matrix(path: str | Path, output: str | Path, *, address: str | None = None, parallel: int | None = None,
+           progress: Any = None) -> dict[str, Any]:
+    """Run a matrix file (edgelm/config/matrix.py) on Ray: every cell's build, eval and bench that
+    has no up-to-date result in `output`; returns what OUT/matrix.json holds. Needs `edgelm[matrix]`.
+    `address`: a Ray cluster (default RAY_ADDRESS, else a local instance); `parallel` caps the builds
+    in flight; `progress` is called with the results after every step."""
+    from edgelm.matrix.driver import run_matrix
+
+    return run_matrix(path, output, address=address, parallel=parallel, progress=progress)

@@ -16,6 +16,7 @@ import typer
 
 from edgelm import _cli_base as o
 from edgelm._cli_base import DEBUG, console, err_console, reports_errors, run
+from edgelm._matrix_cli import matrix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=o.Group,
                   context_settings=o.SETTINGS,
@@ -241,6 +242,9 @@ def bench(
     if plot is not None:
         bench_plot(result, plot)
         (err_console if as_json else console).print(f"chart written to {plot}")
+
+
+command("matrix")(matrix)  # edgelm/_matrix_cli.py: the Ray driver's live table and report
 
 
 def _sampling(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float], seed: Optional[int],

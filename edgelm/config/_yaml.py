@@ -14,7 +14,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 # where each kind of file's fields are documented
-_DOCS = {"profile": "docs/device-profiles.md", "recipe": "docs/recipes-and-adapters.md"}
+_DOCS = {"profile": "docs/device-profiles.md", "recipe": "docs/recipes-and-adapters.md", "matrix": "docs/matrix.md"}
 
 
 def load_yaml_model(path: Path, kind: type[Model], what: str) -> Model:

@@ -69,7 +69,7 @@ class BuildOverrides:
 
 
 def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | None = None,
-            default_name: str | None = None) -> BuildPlan:
+            default_name: str | None = None, source: str = "build options") -> BuildPlan:
     """Merge in order: defaults < profile quality gates < recipe < overrides (dotted keys,
     e.g. "calibration.source")."""
     data: dict[str, Any] = {
@@ -89,7 +89,7 @@ def resolve(recipe: Recipe, profile: DeviceProfile, overrides: dict[str, Any] | 
         if gate in data["quality"] and data["quality"][gate] is None:
             data["quality"][gate] = value
     apply_overrides(data, overrides)
-    return validate(data, BuildPlan, "build options", "build")
+    return validate(data, BuildPlan, source, "build")
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> None:

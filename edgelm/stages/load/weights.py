@@ -11,6 +11,7 @@ build reads, which the bundle's source fingerprint (provenance.source.sha256) co
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -100,6 +101,18 @@ def source_files(folder: Path, gguf_file: str | None) -> list[Path]:
         return [folder / gguf_file]
     extra = [folder / SAFE_INDEX] if not (folder / SAFE_WEIGHTS).is_file() and (folder / SAFE_INDEX).is_file() else []
     return weight_files(folder) + extra + [folder / name for name in _SIDE_FILES if (folder / name).is_file()]
+
+
+def parameter_count(folder: Path, gguf_file: str | None) -> int:
+    """Weights in the checkpoint, read from the tensor tables alone (no data): what a build of
+    it will hold in fp32 (edgelm/matrix/resources.py sizes a build's memory from it)."""
+    if gguf_file:
+        from edgelm.stages.load.gguf_config import tensor_shapes
+
+        shapes = tensor_shapes(folder / gguf_file)
+    else:
+        shapes = {name: shape for path in weight_files(folder) for name, shape in _header(path).items()}
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def check_sizes(folder: Path, gguf_file: str | None, config: Any) -> None:

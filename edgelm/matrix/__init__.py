@@ -1,0 +1,1 @@
+"""The Ray driver for `edgelm matrix` (the optional extra edgelm[matrix]): cells, tasks, driver, report."""
