@@ -101,6 +101,13 @@ class MatrixSpec(Frozen):
                     raise ValueError("name: names belong to listed variants (variants: [{name: ..., ...}])")
                 if not values:
                     raise ValueError(f"{key}: needs at least one value")
+            settings = [{key: item} for key, values in value.items() for item in values]
+        else:
+            settings = list(value)
+        for setting in settings:  # a plan field set to null would be read as "not given": refused, not ignored
+            for key, item in setting.items():
+                if item is None:
+                    raise ValueError(f"{key}: null is not a value here (leave the field out for its default)")
         return value or ({},)
 
     @model_validator(mode="after")

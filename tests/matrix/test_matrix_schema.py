@@ -83,6 +83,8 @@ variants: [{{name: dense}}, {{name: budget, accuracy_budget: 1.05}}]
      ["bench.devices: pi5 names profiles the matrix does not build: ['cpu-int4']"]),
     ("models: [default]\nprofiles: [cpu-int8]\ngates: {max_accuracy_drop: 0.02}\n", ["needs eval in run"]),
     ("models: [nowhere/at-all]\nprofiles: [cpu-int8]\n", ["m.yaml: models[0]:"]),
+    ("models: [default]\nprofiles: [cpu-int8]\nvariants: [{name: a, quality.max_kl_divergence: null}]\n",
+     ["m.yaml: variants: quality.max_kl_divergence: null is not a value here"]),
     ("profiles: [cpu-int8]\n", ["m.yaml: models: Field required"]),
 ])
 def test_bad_matrix_files_are_named_by_field(tmp_path, body, fragments):
