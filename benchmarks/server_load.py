@@ -2,6 +2,10 @@
 
     python benchmarks/server_load.py dist/smollm2-int8 --clients 32 --seconds 60 --queue 64
     python benchmarks/server_load.py dist/smollm2-int8 --clients 8 --hostile 8 --seconds 60
+    python benchmarks/server_load.py dist/smollm2-int8 --parallel 8 --concurrency 1 2 4 8 --tokens 96 --rounds 3
+
+--concurrency measures batching instead (server_concurrency.py): throughput, TTFT and latency
+percentiles at each number of concurrent streams, against one stream in the same run.
 
 Starts the server, then runs --clients normal threads and --hostile hostile ones until --seconds
 pass. A normal client loops, choosing (seeded) a non-streaming completion, a streaming chat
@@ -142,14 +146,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--queue", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=1, help="the server's --parallel (batched generations)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="measure these numbers of concurrent streams")
+    parser.add_argument("--tokens", type=int, default=96, help="with --concurrency: new tokens per request")
+    parser.add_argument("--rounds", type=int, default=3, help="with --concurrency: rounds per level")
     args = parser.parse_args()
+    if args.concurrency:
+        from server_concurrency import run_levels  # benchmarks/ is the script's folder
+
+        print(run_levels(args.bundle, args.parallel, args.concurrency, args.tokens, args.rounds, args.threads))
+        return
     print(f"host: {host()}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log_file = tempfile.TemporaryFile("w+")  # the server's log: a pipe nobody reads could block it
     server = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", args.bundle, "--port", str(port),
-                               "--queue", str(args.queue), "--threads", str(args.threads)],
+                               "--queue", str(args.queue), "--threads", str(args.threads),
+                               "--parallel", str(args.parallel)],
                               stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
         for _ in range(300):

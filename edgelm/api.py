@@ -41,6 +41,7 @@ from edgelm.stages.export.static import ExportStatic
 from edgelm.stages.load.model import LoadModel, locate_model, looks_like_hub_name, source_fingerprint
 from edgelm.stages.optimize import FuseGraph
 from edgelm.stages.package import Package, WriteManifest
+from edgelm.stages.package_adapters import PackageAdapters
 from edgelm.stages.preflight import Preflight, preflight  # noqa: F401  (api.preflight: a plan's inputs alone)
 from edgelm.stages.quantize import Quantize
 from edgelm_runtime.bundle import Manifest, read_manifest
@@ -57,8 +58,8 @@ PHASES = (
     ("optimize", (FuseGraph(),)),                    # onnxruntime's transformer fusions, parity re-checked
     ("quantize", (Quantize(),)),                     # the profile's scheme (edgelm/quant/)
     ("check", (CheckDevice(),)),                     # ops and shapes the device takes
-    ("package", (Package(), CheckQuality(), WriteManifest())),  # files, their proven quality, the manifest once
-)
+    ("package", (Package(), CheckQuality(), PackageAdapters(), WriteManifest())),  # files, their proven quality
+)                                                # (runtime adapters' too), the manifest once
 PIPELINE = tuple(stage for _, stages in PHASES for stage in stages)
 
 # Encoder builds (BERT family: --task feature-extraction | sequence-classification | token-classification):
@@ -98,7 +99,7 @@ def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, 
                name: str | None = None, overrides: BuildOverrides | None = None,
                accuracy_budget: float | None = None, adapters: Sequence[str] | None = None,
                from_bundle: str | Path | None = None, fields: Mapping[str, Any] | None = None,
-               source: str = "build options") -> BuildPlan:
+               source: str = "build options", adapter_mode: str | None = None) -> BuildPlan:
     """Resolve profile + recipe (or a bundle's recorded plan) + options into a BuildPlan.
 
     Precedence: defaults < profile < recipe < command line; --profile beats the recipe's profile,
@@ -106,7 +107,9 @@ def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, 
     ratio, e.g. 1.02) becomes the perplexity gate and turns on the mixed-precision search, which
     keeps the fewest MatMuls in fp32 that meet it. Paths given here are made absolute, so the plan
     stored in the manifest rebuilds from anywhere. `fields` are dotted plan fields over everything
-    (`{"prune.mlp_fraction": 0.1}`: a matrix variant); `source` names them in a validation error."""
+    (`{"prune.mlp_fraction": 0.1}`: a matrix variant); `source` names them in a validation error.
+    `adapter_mode` ("merge" | "runtime") is the mode of every adapter given or recorded (runtime:
+    kept apart and switched at run time, edgelm/stages/runtime_adapters.py)."""
     if overrides is not None and not isinstance(overrides, BuildOverrides):
         raise TypeError(f"overrides: a BuildOverrides, not {type(overrides).__name__} "
                         "(e.g. BuildOverrides(max_seq_len=512, samples=8))")
@@ -115,19 +118,38 @@ def plan_build(*, profile: str | None = None, recipe: str | Path | None = None, 
     # org/name (not a local path) stays as given: locate_model resolves it in the Hugging Face cache
     merged = {"model": model if model and looks_like_hub_name(model) else _absolute(model),
               **(overrides.plan_fields() if overrides else {}), **(fields or {})}
+    if adapter_mode not in (None, "merge", "runtime"):
+        raise ConfigError(f"--adapter-mode: expected merge or runtime (got {adapter_mode!r})",
+                          hint="merge bakes adapters into the weights; runtime keeps them switchable")
+    mode = {"mode": adapter_mode} if adapter_mode else {}
     if adapters:
-        merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"])} for parsed in map(parse_adapter, adapters)]
+        merged["adapters"] = [{**parsed, "path": _absolute(parsed["path"]), **mode} for parsed in map(parse_adapter, adapters)]
     if from_bundle is not None:
-        return _plan_from_bundle(Path(from_bundle), profile, name, merged, accuracy_budget)
+        plan = _plan_from_bundle(Path(from_bundle), profile, name, merged, accuracy_budget, mode)
+        return _adapter_plan(plan, f"{from_bundle}/manifest.json plan")
     loaded = load_recipe(recipe) if recipe else Recipe()
+    if mode and "adapters" not in merged:  # --adapter-mode over the recipe's adapters
+        merged["adapters"] = [{**a.model_dump(), **mode} for a in loaded.adapters]
     device = load_profile(profile or loaded.profile or "cpu-int8")
     merged["name"] = name
     _budget(merged, device, accuracy_budget)
-    return resolve(loaded, device, merged, source=source)
+    return _adapter_plan(resolve(loaded, device, merged, source=source), source)
+
+
+def _adapter_plan(plan: BuildPlan, source: str) -> BuildPlan:
+    """Runtime adapters: distinct names, and the plan their build runs (runtime_adapters.runtime_plan)."""
+    from edgelm.config.recipe import check_adapter_names
+    from edgelm.stages.runtime_adapters import runtime_plan
+
+    try:
+        check_adapter_names(plan.adapters)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}", hint="name adapters with --adapter PATH@NAME (or name: in a recipe)") from None
+    return runtime_plan(plan)
 
 
 def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merged: dict[str, Any],
-                      accuracy_budget: float | None) -> BuildPlan:
+                      accuracy_budget: float | None, mode: dict[str, str] | None = None) -> BuildPlan:
     """The plan recorded in a bundle's manifest, with the command line over it. The model and the
     adapters must still be the files the bundle was built from (sha256), unless replaced."""
     manifest = read_manifest(bundle)
@@ -140,9 +162,7 @@ def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merge
     if name is not None:
         data["name"] = name
     if "adapters" not in merged:  # the recorded adapters, pinned to the recorded weights
-        specs, merged_records = data.get("adapters", []), manifest.adapters
-        data["adapters"] = [{**spec, "sha256": record.get("sha256")} for spec, record in zip(specs, merged_records)] \
-            if len(specs) == len(merged_records) else specs
+        data["adapters"] = [{**spec, **(mode or {})} for spec in _pinned(data.get("adapters", []), manifest)]
     _budget(merged, validate(data["profile"], DeviceProfile, f"{bundle}/manifest.json plan.profile", "profile"),
             accuracy_budget)
     apply_overrides(data, merged)
@@ -155,6 +175,16 @@ def _plan_from_bundle(bundle: Path, profile: str | None, name: str | None, merge
                               hint="restore the model, or pass --model to build from the new one (also for a bundle "
                                    "built before edgelm fingerprinted every file it reads)")
     return plan
+
+
+def _pinned(specs: list[dict[str, Any]], manifest: Manifest) -> list[dict[str, Any]]:
+    """Recorded adapter specs with the sha256 they were built from: merged ones in order from
+    `adapters`, runtime ones by name from `runtime_adapters` (unpinned where the records disagree)."""
+    merged = [s for s in specs if s.get("mode", "merge") == "merge"]
+    records = iter(manifest.adapters if len(merged) == len(manifest.adapters) else [{}] * len(merged))
+    runtime = {a.name: a.source_sha256 for a in manifest.runtime_adapters}
+    return [{**spec, "sha256": next(records).get("sha256") if spec.get("mode", "merge") == "merge"
+             else runtime.get(spec.get("name") or Path(spec["path"]).name)} for spec in specs]
 
 
 def _budget(merged: dict[str, Any], device: Any, accuracy_budget: float | None) -> None:
@@ -190,6 +220,19 @@ def build(plan: BuildPlan, output: str | Path, force: bool = False, progress: Pr
         raise (write_error(exc, str(output)) or exc) from exc
     return BuildReport(output=published, manifest=state.result(ManifestResult).manifest, seconds=dict(state.seconds),
                        results=dict(state.results))
+
+
+def add_adapter(bundle: str | Path, adapter: str, output: str | Path, force: bool = False,
+                progress: Progress = no_progress) -> Manifest:
+    """Copy a runtime-adapter bundle to `output` with one more adapter (PATH[:WEIGHT][@NAME]), its
+    file, manifest entry and quality numbers, without rebuilding the base (edgelm/stages/add_adapter.py)."""
+    from edgelm.stages.add_adapter import add_runtime_adapter
+
+    plan = plan_build(from_bundle=bundle)
+    try:
+        return add_runtime_adapter(Path(bundle), plan, adapter, Path(output), force, progress)
+    except OSError as exc:
+        raise (write_error(exc, str(output)) or exc) from exc
 
 
 @dataclass(frozen=True)

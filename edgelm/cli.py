@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings=o.SETTINGS,
                   help="Compile small causal LMs into ONNX bundles for edge devices, and run them offline.")
 command = functools.partial(app.command, cls=o.Command)
+ADAPTER_MODE = typer.Option(None, "--adapter-mode", help="merge (default): adapters baked into the weights; runtime: "
+                            "kept apart, switched per request (one base bundle).")
 
 
 def _version(shown: bool) -> None:
@@ -42,11 +44,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def _plan(profile: Optional[str], recipe: Optional[Path], model: Optional[str], name: Optional[str],
-          from_bundle: Optional[Path], adapter: Optional[list[str]], budget: Optional[float], **overrides: Any) -> Any:
+          from_bundle: Optional[Path], adapter: Optional[list[str]], budget: Optional[float],
+          adapter_mode: Optional[str] = None, **overrides: Any) -> Any:
     from edgelm import api
 
     return api.plan_build(profile=profile, recipe=recipe, model=model, name=name, from_bundle=from_bundle,
-                          adapters=adapter, accuracy_budget=budget, overrides=api.BuildOverrides(**overrides))
+                          adapters=adapter, accuracy_budget=budget, overrides=api.BuildOverrides(**overrides),
+                          adapter_mode=adapter_mode)
 
 
 @command()
@@ -59,14 +63,29 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the output folder name)."),
     accuracy_budget: Optional[float] = o.BUDGET, templates: Optional[Path] = o.TEMPLATES, prune_mlp: Optional[float] = o.PRUNE,
     task: Optional[str] = o.TASK, force: bool = typer.Option(False, "--force", help="Replace an existing output bundle."),
+    adapter_mode: Optional[str] = ADAPTER_MODE,
+    add_adapter: Optional[str] = typer.Option(None, "--add-adapter", help="With --from-bundle: copy a runtime-adapter "
+                                              "bundle with one more adapter PATH[:WEIGHT][@NAME], base unchanged."),
 ) -> None:
     """Build a bundle: load -> merge adapters -> prune -> export -> fuse -> quantize -> package -> quality check."""
     from edgelm import api
-    from edgelm._render import BuildProgress, build_summary, quiet_libraries
+    from edgelm._render import BuildProgress, StepProgress, build_summary, quiet_libraries
 
     quiet_libraries()
+    if add_adapter is not None:
+        from edgelm.errors import ConfigError
+
+        if from_bundle is None:
+            raise ConfigError("--add-adapter needs --from-bundle (the bundle to add it to)",
+                              hint="edgelm build --from-bundle dist/x --add-adapter path/to/adapter -o dist/y")
+        with StepProgress(console) as progress:
+            added = api.add_adapter(from_bundle, add_adapter, output, force=force, progress=progress.update)
+        entry = added.runtime_adapters[-1]
+        console.print(f"adapter [bold]{entry.name}[/] added (ppl x{entry.quality['perplexity_ratio']:.3f}, top-1 "
+                      f"{entry.quality['top1_agreement']:.3f} vs merged fp32); bundle written to [bold]{output}[/]")
+        return
     plan = _plan(profile, recipe, model, name or (None if from_bundle else output.name), from_bundle, adapter,
-                 accuracy_budget, calibration_source=calibration, samples=samples, max_seq_len=max_seq_len,
+                 accuracy_budget, adapter_mode, calibration_source=calibration, samples=samples, max_seq_len=max_seq_len,
                  templates=templates, prune_mlp=prune_mlp, task=task)
     for warning in api.host_warnings(plan):
         err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -85,10 +104,10 @@ def plan(
     recipe: Optional[Path] = o.RECIPE, from_bundle: Optional[Path] = o.FROM_BUNDLE,
     calibration: Optional[str] = o.CALIBRATION, samples: Optional[int] = o.SAMPLES, max_seq_len: Optional[int] = o.MAX_SEQ_LEN,
     accuracy_budget: Optional[float] = o.BUDGET, templates: Optional[Path] = o.TEMPLATES, prune_mlp: Optional[float] = o.PRUNE,
-    task: Optional[str] = o.TASK,
+    task: Optional[str] = o.TASK, adapter_mode: Optional[str] = ADAPTER_MODE,
 ) -> None:
     """Print the fully resolved build plan (every default explicit) without building."""
-    resolved = _plan(profile, recipe, model, None, from_bundle, adapter, accuracy_budget, calibration_source=calibration,
+    resolved = _plan(profile, recipe, model, None, from_bundle, adapter, accuracy_budget, adapter_mode, calibration_source=calibration,
                      samples=samples, max_seq_len=max_seq_len, templates=templates, prune_mlp=prune_mlp, task=task)
     console.print_json(json.dumps(resolved.summary()))
 
@@ -298,12 +317,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELM_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGELM_API_KEY)."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Also serve /v1/embeddings from this bundle."),
+    parallel: int = typer.Option(1, "--parallel", help="Generations at once, their decode steps batched (slots)."),
+    kv_cache_mb: float = typer.Option(256, "--kv-cache-mb", help="KV caches kept for prompts that start alike (0: off)."),
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API: /v1/chat/completions and /v1/completions (a decoder
     bundle) or its task's /v1/embeddings, /v1/classify or /v1/tag (an encoder bundle); /v1/models, /health."""
     from edgelm._serve import start_server
 
-    start_server(bundle, host, port, queue, threads, provider, api_key, console, embeddings)
+    start_server(bundle, host, port, queue, threads, provider, api_key, console, embeddings, parallel, kv_cache_mb)
 
 
 def main() -> None:

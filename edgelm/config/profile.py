@@ -139,6 +139,15 @@ class SessionSettings(Frozen):
     intra_op_threads: int = Field(0, ge=0)
 
 
+class GenerationSettings(Frozen):
+    """Generation defaults the bundle's manifest carries for the runtime. prompt_lookup: speculative
+    greedy decoding from prompt-lookup drafts of up to this many tokens (0 = off); on only where the
+    graph's logits do not depend on how many positions a run computes, so that it is exact
+    (docs/decoding.md: int8 activation quantization at run time turns 1-ulp differences into
+    different near-tie picks)."""
+    prompt_lookup: int = Field(0, ge=0, le=64)
+
+
 class QualityGates(Frozen):
     """Default gates of decoder builds for this device; a recipe's quality.* values take precedence."""
 
@@ -182,6 +191,7 @@ class DeviceProfile(Frozen):
     fusions: FusionSettings = FusionSettings()
     quantization: Quantization
     session: SessionSettings = SessionSettings()
+    generation: GenerationSettings = GenerationSettings()
     quality: QualityGates = QualityGates()
     encoder: EncoderSettings | None = None  # None: this device builds decoders only
     # The ops the device runs (op types; "domain:Op" outside the ONNX domain). Non-empty: the build

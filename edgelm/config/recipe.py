@@ -5,9 +5,9 @@ that `resolve()` makes explicit in the BuildPlan."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -52,10 +52,20 @@ class QualitySettings(Frozen):
     labelled_data: str | None = None
 
 
+AdapterMode = Literal["merge", "runtime"]
+# an adapter's name: a file name in the bundle (adapters/NAME.onnx_adapter) and the part after ":" of
+# a served model id ("bundle:NAME"), so no path separators, colons or spaces
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class AdapterSpec(Frozen):
-    """A PEFT LoRA folder merged into the model before compression, delta scaled by `weight`."""
+    """A PEFT LoRA folder: merged into the model before compression, delta scaled by `weight`
+    (mode merge), or kept apart as an adapter the bundle switches at run time (mode runtime)."""
     path: str
     weight: float = 1.0
+    # runtime adapters are chosen by name (default: the folder's name)
+    name: str | None = None
+    mode: AdapterMode = "merge"
     # set by `--from-bundle`: the adapter must still be the one the bundle was built from
     sha256: str | None = None
 
@@ -71,16 +81,50 @@ class AdapterSpec(Frozen):
             raise ValueError("must be a finite non-zero number (0 would merge nothing)")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not ADAPTER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 64; "
+                             "no '/', ':' or spaces)")
+        return value
+
+    @property
+    def adapter_name(self) -> str:
+        """The name a runtime adapter is chosen by: `name`, else the folder's name."""
+        return self.name or Path(self.path).expanduser().name
+
 
 def parse_adapter(text: str) -> dict[str, Any]:
-    """"PATH" or "PATH:WEIGHT" (the last colon, so C:\\x and odd folder names still work)."""
+    """"PATH", "PATH:WEIGHT", "PATH@NAME" or "PATH:WEIGHT@NAME" (the last "@" and colon, so C:\\x
+    and odd folder names still work; an "@" followed by a path separator belongs to the path)."""
+    found: dict[str, Any] = {}
+    head, at, name = text.rpartition("@")
+    if at and head and name and not re.search(r"[/\\:]", name):
+        found["name"], text = name, head
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return {"path": path, "weight": float(weight)}
+            return {"path": path, "weight": float(weight), **found}
         except ValueError:
             pass
-    return {"path": text}
+    return {"path": text, **found}
+
+
+def check_adapter_names(adapters: Any, field: str = "adapters") -> None:
+    """Runtime adapters are chosen by name: two with one name is an error naming the field."""
+    seen: dict[str, int] = {}
+    for index, adapter in enumerate(adapters):
+        if adapter.mode != "runtime":
+            continue
+        name = adapter.adapter_name
+        if name in seen:
+            raise ValueError(f"{field}.{index}.name: duplicate adapter name {name!r} (also {field}.{seen[name]}); "
+                             "give one a name with PATH@NAME or name:")
+        seen[name] = index
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(f"{field}.{index}.name: the folder name {name!r} is not an adapter name; "
+                             "give it one with PATH@NAME or name:")
 
 
 class RecoverySettings(Frozen):
@@ -155,9 +199,20 @@ class Recipe(Frozen):
     quality: QualitySettings = QualitySettings()
     # prompt templates added to (or replacing by name) edgelm's defaults in the bundle
     templates: dict[str, TemplateSpec] = {}
-    # LoRA adapters merged in order, each delta scaled by its weight
+    # LoRA adapters merged in order, each delta scaled by its weight, or kept for run time
     adapters: tuple[AdapterSpec, ...] = ()
+    # the mode of every adapter that does not name its own (default merge)
+    adapter_mode: AdapterMode | None = None
     prune: PruneSettings | None = None
+
+    @model_validator(mode="after")
+    def _adapter_modes(self) -> "Recipe":
+        if self.adapter_mode is not None:
+            adapters = tuple(a if "mode" in a.model_fields_set else a.model_copy(update={"mode": self.adapter_mode})
+                             for a in self.adapters)
+            object.__setattr__(self, "adapters", adapters)
+        check_adapter_names(self.adapters)
+        return self
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -100,7 +100,7 @@ def task_accuracy(task: Task, shots: int, encode: Callable[[str], list[int]], sc
     input subtracted), and "default": the convention classify() applies when none is asked for
     (scoring.label_convention of the answers' token counts). A prompt longer than the context loses
     its oldest tokens."""
-    from edgelm_runtime.model import CONTENT_FREE
+    from edgelm_runtime.prompt_tasks import CONTENT_FREE
     from edgelm_runtime.scoring import SCORINGS, aggregate, label_convention, split_continuations
 
     priors: dict[tuple[Any, ...], list[dict[str, np.ndarray]]] = {}

@@ -86,18 +86,24 @@ class AdaptersResult(StageResult):
     merge_max_abs_diff: float | None = None
     logit_shift: float | None = None
     warnings: list[str] | None = None
+    runtime: list[dict[str, Any]] | None = None     # adapters kept for run time (stages/runtime_adapters.py)
+    transforms_off: list[str] | None = None          # prep passes a runtime-adapter build turned off
     merged: list[dict[str, Any]] = field(default_factory=list, metadata=_ARTEFACT)  # the manifest's `adapters`
+    kept: tuple[Any, ...] = field(default=(), metadata=_ARTEFACT)  # RuntimeAdapter objects, for export and packaging
 
     @property
     def shown(self) -> bool:
-        return self.adapters > 0
+        return self.adapters > 0 or bool(self.runtime)
 
     def note(self) -> str:
-        if not self.adapters:
-            return "none"
-        note = (f"{self.adapters} merged, logits vs unmerged max diff {self.merge_max_abs_diff:.1e}, "
-                f"shift vs base {self.logit_shift:.3g}")
-        return note + "".join(f"; [yellow]warning: {w}[/]" for w in self.warnings or [])
+        notes = []
+        if self.adapters:
+            notes.append(f"{self.adapters} merged, logits vs unmerged max diff {self.merge_max_abs_diff:.1e}, "
+                         f"shift vs base {self.logit_shift:.3g}")
+        if self.runtime:
+            off = f" ({', '.join(self.transforms_off)} off: adapters would need them too)" if self.transforms_off else ""
+            notes.append(f"{len(self.runtime)} kept for run time: {', '.join(r['name'] for r in self.runtime)}{off}")
+        return "; ".join(notes or ["none"]) + "".join(f"; [yellow]warning: {w}[/]" for w in self.warnings or [])
 
 
 @dataclass(frozen=True)
@@ -340,6 +346,21 @@ class QualityResult(StageResult):
 
 
 @dataclass(frozen=True)
+class AdapterFilesResult(StageResult):
+    """Runtime adapters written into the bundle, each with its parity and quality (stages/package_adapters.py)."""
+
+    stage: ClassVar[str] = "adapter-files"
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> parity and quality numbers
+    entries: tuple[Any, ...] = field(default=(), metadata=_ARTEFACT)  # the manifest's runtime_adapters
+
+    def note(self) -> str:
+        if self.skipped:
+            return self.skipped
+        return "; ".join(f"{name}: ppl x{q['perplexity_ratio']:.3f}, top-1 {q['top1_agreement']:.3f} vs merged fp32"
+                         for name, q in self.adapters.items())
+
+
+@dataclass(frozen=True)
 class ManifestResult(StageResult):
     stage: ClassVar[str] = "manifest"
     files: int = 0
@@ -352,7 +373,8 @@ class ManifestResult(StageResult):
 
 RESULT_TYPES: dict[str, type[StageResult]] = {cls.stage: cls for cls in (
     PreflightResult, LoadResult, AdaptersResult, PruneResult, RotateResult, SmoothResult, AwqResult, SensitivityResult, ExportResult,
-    StaticResult, FuseResult, QuantizeResult, DeviceResult, PackageResult, QualityResult, ManifestResult)}
+    StaticResult, FuseResult, QuantizeResult, DeviceResult, PackageResult, QualityResult, AdapterFilesResult,
+    ManifestResult)}
 
 
 def records(results: dict[str, StageResult]) -> dict[str, dict[str, Any]]:

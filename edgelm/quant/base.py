@@ -45,6 +45,10 @@ class Scheme:
     needs: Callable[[Any], frozenset[str]] = _no_needs     # host features its compute needs to be fast
     # (profile.export, settings) -> why the profile's export cannot take this scheme (the field named), or None
     export_refusal: Callable[[Any, Any], str | None] = _dynamic_shapes_only
+    # runtime LoRA adapters (edgelm/stages/runtime_adapters.py): the dtype their A/B are stored and
+    # fed in (computed in fp32 either way), or why this scheme's graphs cannot take them
+    adapter_dtype: str = "float16"
+    adapter_refusal: str | None = None
 
     def skip_reason(self, pass_name: str, settings: Any) -> str | None:
         """None when the pre-export pass `pass_name` applies to `settings`, else why it is skipped."""

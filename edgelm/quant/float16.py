@@ -42,4 +42,5 @@ def note(facts: dict[str, Any]) -> str:
     return f"fp16 weights, activations and KV cache{kept}, {facts['size_mb_before']} -> {facts['size_mb_after']} MB"
 
 
-SCHEME = Scheme(mode="float16", quantize=quantize, label=label, note=note)
+SCHEME = Scheme(mode="float16", quantize=quantize, label=label, note=note,
+                adapter_refusal="the float16 converter rewrites the adapter inputs' types (not supported yet)")

@@ -11,13 +11,24 @@ from pathlib import Path
 import onnx
 
 
+# Nodes of a runtime LoRA path (edgelm/stages/export/lora.py) are named "lora/<module>/...": their
+# second inputs are graph inputs with empty defaults (the adapter's A and B), not weights, so every
+# scheme leaves them float on top of the quantized base (QLoRA-style).
+LORA_PREFIX = "lora/"
+
+
+def is_lora(node: onnx.NodeProto) -> bool:
+    return node.name.startswith(LORA_PREFIX)
+
+
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     """{node name: module path} of MatMuls with a constant weight, e.g. "layers.3.mlp.<projection>".
-    An online Hadamard rotation's MatMuls (quant/rotation.py) are not weights: they stay float."""
+    An online Hadamard rotation's MatMuls (quant/rotation.py) and a LoRA path's are not weights: they stay float."""
     from edgelm.quant.rotation import ROTATION_MODULE
 
     initializers = {init.name for init in model.graph.initializer if ROTATION_MODULE not in init.name}
-    return {n.name: module_path(n) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+    return {n.name: module_path(n) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in initializers and not is_lora(n)}
 
 
 def module_path(node: onnx.NodeProto) -> str:
@@ -26,7 +37,12 @@ def module_path(node: onnx.NodeProto) -> str:
     modules = [part.split(":")[0].strip() for part in namespace.split("/") if "torch.nn.modules" in part]
     if not modules:
         return node.name
-    path = modules[-1]  # the export wrapper's and the HF model's prefixes, then "layers.3.mlp.<projection>"
+    return relative_module(modules[-1])  # the export wrapper's and the HF model's prefixes, then "layers.3.mlp.<projection>"
+
+
+def relative_module(path: str) -> str:
+    """A module path from "layers." on ("model.layers.3.mlp.up_proj" -> "layers.3.mlp.up_proj"), as
+    graph nodes and adapter tensors both name it."""
     return path[path.index("layers."):] if "layers." in path else path
 
 

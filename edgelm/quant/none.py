@@ -14,4 +14,5 @@ def quantize(state: Any, settings: NoQuantization, progress: Any) -> dict[str, A
 
 
 SCHEME = Scheme(mode="none", quantize=quantize, label=lambda profile: "fp32", note=lambda facts: "none (fp32)",
-                export_refusal=lambda export, settings: None)  # any graph can stay fp32
+                export_refusal=lambda export, settings: None,  # any graph can stay fp32
+                adapter_dtype="float32")  # an fp32 bundle keeps adapters exact: it equals the merged model

@@ -88,7 +88,8 @@ def read_adapter(spec: AdapterSpec) -> AdapterFiles:
 
 
 def check_adapter_set(adapters: list[AdapterFiles]) -> None:
-    """Combinations that have no well-defined weighted sum."""
+    """Combinations that have no well-defined weighted sum (among the adapters merged together)."""
+    adapters = [a for a in adapters if a.spec.mode == "merge"]
     dora = [a for a in adapters if a.variant == "dora"]
     if dora and len(adapters) > 1:
         raise AdapterError(f"{dora[0].label}: a DoRA adapter cannot be combined with other adapters",
@@ -172,12 +173,36 @@ class MergeAdapters:
         if not state.plan.adapters:
             return AdaptersResult(adapters=0)
         adapters = read_adapters(state.plan.adapters)
-        probe = calibration_token_ids(state.plan.calibration.source, state.tokenizer, state.chat_template,
-                                      PROBE_SAMPLES, PROBE_TOKENS)
-        state.model, records = merge_adapters(state.model, adapters, probe, progress)
-        warnings = [f"{Path(r['path']).name}: merging it changed no logit" for r in records if r["no_effect"]]
-        return AdaptersResult(adapters=len(records), merge_max_abs_diff=max(r["merge_max_abs_diff"] for r in records),
-                              logit_shift=max(r["logit_shift"] for r in records), warnings=warnings, merged=records)
+        merged = [a for a in adapters if a.spec.mode == "merge"]
+        records: list[dict[str, Any]] = []
+        if merged:
+            probe = calibration_token_ids(state.plan.calibration.source, state.tokenizer, state.chat_template,
+                                          PROBE_SAMPLES, PROBE_TOKENS)
+            state.model, records = merge_adapters(state.model, merged, probe, progress)
+        kept = [a for a in adapters if a.spec.mode == "runtime"]
+        if kept:  # kept apart: edgelm/stages/runtime_adapters.py
+            return keep_for_runtime(state, kept, records)
+        return merged_result(records)
+
+
+def merged_result(records: list[dict[str, Any]], **fields: Any) -> AdaptersResult:
+    warnings = [f"{Path(r['path']).name}: merging it changed no logit" for r in records if r["no_effect"]]
+    if not records:
+        return AdaptersResult(adapters=0, **fields)
+    return AdaptersResult(adapters=len(records), merge_max_abs_diff=max(r["merge_max_abs_diff"] for r in records),
+                          logit_shift=max(r["logit_shift"] for r in records), warnings=warnings, merged=records, **fields)
+
+
+def keep_for_runtime(state: BuildState, kept: list[AdapterFiles], records: list[dict[str, Any]]) -> AdaptersResult:
+    from edgelm.errors import ConfigError
+    from edgelm.stages.runtime_adapters import read_runtime_adapter, transforms_off
+
+    if state.encoder is not None:
+        raise ConfigError("adapter_mode runtime: encoder bundles take merged adapters only",
+                          hint="merge the adapters (adapter_mode merge) for an encoder build")
+    adapters = tuple(read_runtime_adapter(files, state.model) for files in kept)
+    return merged_result(records, runtime=[a.record() for a in adapters],
+                         transforms_off=transforms_off(state.plan) or None, kept=adapters)
 
 
 def read_adapters(specs: tuple[AdapterSpec, ...] | list[AdapterSpec]) -> list[AdapterFiles]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgelm.errors import StageError
 from edgelm.onnx_graph import count_ops  # noqa: F401  (edgelm.stages.optimize.count_ops: tests and benchmarks use it)
-from edgelm.pipeline.results import FuseResult
+from edgelm.pipeline.results import AdaptersResult, FuseResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import PARITY_TEXT, kv_shape, onnx_logits
 from edgelm_runtime.bundle import MODEL_FILE
@@ -62,5 +62,9 @@ class FuseGraph:
         if not np.isfinite(diff) or diff > state.plan.profile.export.parity_atol:
             raise StageError(self.name, f"fused graph differs from the export by {diff:.3g}",
                              hint="disable fusions in the profile (fusions.enabled: false) and report this")
+        if getattr(state.result(AdaptersResult), "kept", ()):  # runtime adapters: their path must survive fusion
+            from edgelm.stages.export.lora import check_lora_kept
+
+            check_lora_kept(state.reference_onnx, target, self.name)
         state.current_onnx = target
         return FuseResult(fused=fused, max_abs_diff_vs_export=diff)

@@ -20,14 +20,14 @@ from typing import Any
 
 import onnx
 
-from edgelm.pipeline.results import (AdaptersResult, FuseResult, ManifestResult, PackageResult, PruneResult,
+from edgelm.pipeline.results import (AdapterFilesResult, AdaptersResult, FuseResult, ManifestResult, PackageResult, PruneResult,
                                      QualityResult)
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm.stages.export.decoder import kv_shape
 from edgelm.graph_roles import size_split
 from edgelm.onnx_graph import save_external
-from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MANIFEST_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE, KVLayout,
-                                   Manifest, ModelIO, describe_files, write_manifest)
+from edgelm_runtime.bundle import (CHAT_TEMPLATE_FILE, MANIFEST_FILE, MODEL_FILE, PROMPTS_FILE, TOKENIZER_FILE,
+                                   GenerationDefaults, KVLayout, Manifest, ModelIO, describe_files, write_manifest)
 from edgelm_runtime.prompts import write_prompts
 
 _VERSIONED = ("edgelm", "edgelm-runtime", "torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime")
@@ -118,6 +118,8 @@ def assemble_bundle(dest: Path, onnx_path: Path, state: BuildState, name: str, p
         vocab_size=int(state.model.config.vocab_size),
         eos_token_ids=eos_token_ids(state), bos_token=state.tokenizer.bos_token, eos_token=state.tokenizer.eos_token,
         session_options=session_options, provider_options=dict(provider_options or {}), provenance=provenance,
+        generation=GenerationDefaults(prompt_lookup=0 if static is not None else
+                                      state.plan.profile.generation.prompt_lookup),
         files=describe_files(dest))
     if write:
         write_manifest(dest, manifest)
@@ -201,8 +203,11 @@ class WriteManifest:
         provenance = {"source": state.source, "versions": versions(), "build_host": state.build_host,
                       "stages": {name: {"seconds": state.seconds.get(name), **record}
                                  for name, record in state.facts.items()}}
+        runtime = state.result(AdapterFilesResult)
+        extra = {"runtime_adapters": runtime.entries, "files": describe_files(state.bundle_dir)} \
+            if runtime is not None and runtime.entries else {}  # adapters/ was written after the package stage
         manifest = dataclasses.replace(
-            package.manifest, quality=quality.record() if quality else {}, plan=state.plan.summary(),
+            package.manifest, quality=quality.record() if quality else {}, plan=state.plan.summary(), **extra,
             adapters=list(adapters.merged) if adapters else [],
             pruning=pruning_record(state.result(PruneResult), package, state.result(QualityResult)),
             fusions=dict(fuse.fused) if fuse else {}, provenance=provenance)

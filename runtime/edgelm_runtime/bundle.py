@@ -2,7 +2,8 @@
 
 This module is the single source of truth for the format. The compiler (`edgelm`) writes
 manifests with these classes, so writer and reader cannot drift. The runtime never guesses from
-the ONNX graph: names, KV layout, eos ids and defaults all come from here."""
+the ONNX graph: names, KV layout, eos ids and defaults all come from here. (Over 400 lines on
+purpose: the whole contract, every section's fields and checks, stays in one module.)"""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any
 from edgelm_runtime.errors import BundleError
 from edgelm_runtime.external_data import external_locations
 
-# 5: `encoder` (encoder bundles; `kv` null); 4: `provider_options`; 3: `static` (fixed-shape NPU graphs)
+# 6: `runtime_adapters` (LoRA adapters switched at run time); 5: `encoder` (encoder bundles; `kv` null); 4: `provider_options`; 3: `static` (fixed-shape NPU graphs)
 # and `pruning`; 2: top-level `plan` and `adapters`
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 # The bundle's files, as the compiler writes them (the manifest names each, so the runtime reads
 # whatever it lists; these are the names edgelm gives them).
@@ -164,6 +165,40 @@ class GenerationDefaults:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    prompt_lookup: int = 0  # SamplingParams.prompt_lookup's default: the profile's, where it is exact
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RuntimeAdapter:
+    """A LoRA adapter the bundle switches at run time (edgelm_runtime.adapters): `file` is an
+    onnxruntime adapter file (listed in `files`, so its size and sha256 are checked) whose tensors
+    feed the graph's LoRA inputs; `targets` are the module paths it adapts; `source_sha256` is the
+    PEFT adapter_model.safetensors it was made from; `quality` its numbers against the fp32 model
+    with it merged (perplexity ratio, top-1 agreement, ...)."""
+
+    name: str
+    file: str
+    sha256: str
+    source_sha256: str
+    rank: int
+    targets: tuple[str, ...]
+    weight: float = 1.0
+    variant: str = "lora"
+    alpha: float | None = None
+    source: str | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not ADAPTER_NAME.fullmatch(self.name):
+            raise ValueError(f"name: {self.name!r} is not an adapter name (letters, digits, '.', '_', '-')")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"sha256: {self.sha256[:20]!r} is not a sha256 hex digest")
+        if not 1 <= self.rank <= 1 << 16:
+            raise ValueError(f"rank: must be between 1 and {1 << 16} (got {self.rank})")
 
 
 @dataclass(frozen=True)
@@ -206,6 +241,8 @@ class Manifest:
     encoder: EncoderLayout | None = None  # encoder bundles (embeddings, classification, NER)
     # what pruning removed: {kind, params_before, params_after, perplexity_before, ...} ({}: not pruned)
     pruning: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters kept apart from the weights, chosen per request by name (format 6)
+    runtime_adapters: tuple[RuntimeAdapter, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -244,6 +281,7 @@ class Manifest:
             if fields.get("static") is not None:
                 fields["static"] = _build(StaticLayout, fields["static"], "static")
             fields["files"] = {p: _build(FileEntry, e, f"files.{p}") for p, e in fields.get("files", {}).items()}
+            fields["runtime_adapters"] = _runtime_adapters(fields.get("runtime_adapters", []))
             fields["eos_token_ids"] = tuple(int(i) for i in fields["eos_token_ids"])
             for name in ("past_key", "past_value", "present_key", "present_value"):
                 template = getattr(fields["io"], name)
@@ -259,6 +297,23 @@ class Manifest:
                               hint="rebuild the bundle with edgelm build") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{source}: {exc}", hint="rebuild the bundle with edgelm build") from None
+
+
+def _runtime_adapters(entries: Any) -> tuple[RuntimeAdapter, ...]:
+    if not isinstance(entries, (list, tuple)):  # a JSON list, or Manifest.to_dict()'s tuple
+        raise TypeError("runtime_adapters: expected a list")
+    built, seen = [], set()
+    for index, entry in enumerate(entries):
+        where = f"runtime_adapters.{index}"
+        try:
+            adapter = _build(RuntimeAdapter, entry, where)
+        except ValueError as exc:  # __post_init__'s checks name the field, not the entry
+            raise ValueError(f"{where}.{exc}") from None
+        if adapter.name in seen:
+            raise ValueError(f"{where}.name: duplicate adapter name {adapter.name!r}")
+        seen.add(adapter.name)
+        built.append(adapter)
+    return tuple(built)
 
 
 def _build(kind: type, values: Any, where: str) -> Any:
@@ -378,11 +433,19 @@ def verify_bundle(folder: str | Path, manifest: Manifest | None = None, check_ha
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     static_file = manifest.static.decode_model_file if manifest.static else None
+    adapter_files = tuple((f"runtime_adapters.{i}.file", a.file) for i, a in enumerate(manifest.runtime_adapters))
+    for what, rel in adapter_files:
+        resolve_inside(folder, rel, what)
     for what, rel in (("model_file", manifest.model_file), ("tokenizer_file", manifest.tokenizer_file),
-                      ("chat_template_file", manifest.chat_template_file), ("static.decode_model_file", static_file)):
+                      ("chat_template_file", manifest.chat_template_file), ("static.decode_model_file", static_file),
+                      *adapter_files):
         if rel is not None and rel not in manifest.files:
             raise BundleError(f"{folder / MANIFEST_FILE}: {what} {rel!r} is not listed in files",
                               hint="rebuild the bundle")
+    for index, adapter in enumerate(manifest.runtime_adapters):
+        if manifest.files[adapter.file].sha256 != adapter.sha256:
+            raise BundleError(f"{folder / MANIFEST_FILE}: runtime_adapters.{index}.sha256 differs from files.{adapter.file}",
+                              hint="the manifest was tampered with; rebuild the bundle")
     for rel, entry in manifest.files.items():
         path = resolve_inside(folder, rel, "file")
         if not path.is_file():

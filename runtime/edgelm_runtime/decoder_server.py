@@ -1,7 +1,7 @@
 """The decoder endpoints of `edgelm serve`: POST /v1/chat/completions and /v1/completions.
 
-A request's `n` choices run one after another in a worker thread (one model run at a time, as
-the gate says), each with its own matcher when the reply is constrained (response_format, or a
+A request's `n` choices run one after another in a worker thread (with `--parallel N`, up to N
+requests at once, their decode steps batched: batch.py), each with its own matcher when the reply is constrained (response_format, or a
 forced tool_choice) and, when the request has a seed, seed + its index. The reply is parsed for
 tool calls when the request declared tools (tool_calls.py): `finish_reason: "tool_calls"` and
 `message.tool_calls`, or in a stream the content up to the call, then one tool-call delta per
@@ -86,8 +86,9 @@ class Generation:
                     break
                 sampling = p.sampling if p.sampling.seed is None else replace(p.sampling, seed=p.sampling.seed + index)
                 recorder = None if p.top_logprobs is None else Logprobs(self.llm, p.top_logprobs)
+                stats: list[Any] = []  # this choice's own stats: concurrent requests share the model
                 stream = self.llm.stream_ids(p.ids, p.max_new_tokens, sampling, p.stop, p.constraint(),
-                                             recorder.observe if recorder else None)
+                                             recorder.observe if recorder else None, stats.append)
                 text = ""
                 for piece in stream:
                     if self.cancelled.is_set():
@@ -100,7 +101,7 @@ class Generation:
                     if CLOSE in text[-len(piece) - len(CLOSE):] and repeats_a_call(text):
                         stream.close()  # the model loops on a call it already made: the reply ends here
                         break
-                self.stats.append(self.llm.last_stats)
+                self.stats.append(stats[0] if stats else None)
                 put((index, None, recorder.take() if recorder else []))
         except BaseException as exc:  # reported to the request, never kills the server
             self.error = exc
@@ -116,12 +117,13 @@ def decoder_handlers(llm: LanguageModel, http: Http) -> dict[str, Callable[[Requ
         http.authorize(request)
         raw = await http.read_body(request)
         prepared = await http.prepare(request, lambda deadline: prepare(raw, chat, llm, deadline))
+        chosen = prepared.llm or llm
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": model_id}
+                "model": model_id if chosen.adapter is None else f"{model_id}:{chosen.adapter}"}
         await http.wait(request, http.gate.acquire())
-        generation = Generation(llm, prepared)
+        generation = Generation(chosen, prepared)
         loop = asyncio.get_running_loop()
-        worker = loop.run_in_executor(None, generation.run, loop)
+        worker = loop.run_in_executor(http.workers, generation.run, loop)
         worker.add_done_callback(lambda _: http.gate.release())
         if prepared.stream:
             return StreamingResponse(_sse(generation, worker, chat, meta), media_type="text/event-stream")
@@ -277,6 +279,9 @@ def _finish(stats: Any) -> str:
     return "length" if stats is not None and stats.finish_reason in ("max_new_tokens", "max_seq_len") else "stop"
 
 
-def _usage(stats: list[Any], prompt_tokens: int) -> dict[str, int]:
+def _usage(stats: list[Any], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens`: prompt tokens of the first choice whose KV was reused."""
     completion = sum(s.generated_tokens for s in stats if s is not None)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = stats[0].cached_tokens if stats and stats[0] is not None else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -10,14 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from edgelm_runtime.constrained import TokenConstraint
 from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.sampling import Sampler
-from edgelm_runtime.session import DecoderSession
+from edgelm_runtime.kv_reuse import PrefixCache
+from edgelm_runtime.lookup import PromptLookup
+from edgelm_runtime.session import DecoderSession, Stepper
+
+if TYPE_CHECKING:
+    from edgelm_runtime.batch import BatchDecoder
 
 FinishReason = Literal["eos", "max_new_tokens", "max_seq_len", "stopped"]
 MAX_STOP_STRINGS = 16   # OpenAI allows 4; every stop string costs a search per token
@@ -38,23 +43,41 @@ class GenerationStats:
     time_to_first_token_s: float
     finish_reason: FinishReason
     sampling_seconds: float = 0.0  # inside decode_seconds and time_to_first_token_s
+    draft_tokens: int = 0     # prompt-lookup tokens proposed (SamplingParams.prompt_lookup)
+    accepted_tokens: int = 0  # of those, the ones the model agreed with (kept without a run of their own)
+    cached_tokens: int = 0    # prompt tokens whose KV came from an earlier run (kv_reuse.PrefixCache)
 
 
 def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
                   eos_token_ids: Sequence[int], max_seq_len: int,
                   report: Callable[[GenerationStats], None] | None = None,
                   constraint: TokenConstraint | None = None,
-                  observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
+                  observe: Callable[[np.ndarray, int], None] | None = None,
+                  cache: PrefixCache | BatchDecoder | None = None) -> Iterator[int]:
     """Yield new token ids (eos excluded) until eos, max_new_tokens or the context is full.
 
     The sequence never exceeds max_seq_len tokens; `report` gets the stats when the loop ends,
     also when the caller closes the iterator early. `constraint` masks the logits before each
     sample and ends the loop (as eos) once its grammar is complete; `observe(logits, token)` sees
-    each step's logits (as sampled from, the mask applied) and its token, eos included."""
+    each step's logits (as sampled from, the mask applied) and its token, eos included. With a
+    `cache`, the prompt starts from the cached run sharing its longest prefix, and the run (prompt
+    and output) goes back to the cache when the loop ends.
+
+    Plain greedy decoding (no penalty, constraint or observer) with `sampler.params.prompt_lookup`
+    > 0, on a bundle whose cache is one shared buffer, is speculative: a prompt-lookup draft
+    (edgelm_runtime/lookup.py) is checked in one run of draft + 1 positions, the tokens the model
+    itself picks are kept up to the first one the draft got wrong, and the cache is rewound past
+    the rest. Each kept token is the argmax of its own position, so the output is plain greedy's
+    wherever the graph's logits do not depend on how many positions one run computes (fp32: 12 of 12
+    answers identical). Where activations are quantized at run time (int8/int4 profiles), a last-bit
+    difference in attention can cross a rounding step and pick the other of two near-tied tokens,
+    which is why those profiles leave it off by default (docs/decoding.md)."""
     eos = frozenset(eos_token_ids)
     start = perf_counter()
-    stepper = decoder.stepper(capacity=min(max_seq_len, len(prompt_ids) + max_new_tokens))
-    logits = stepper.feed(np.asarray(prompt_ids, dtype=np.int64))
+    capacity = min(max_seq_len, len(prompt_ids) + max_new_tokens)
+    stepper = decoder.stepper(capacity) if cache is None else cache.take(prompt_ids, capacity, decoder.bound_inputs)
+    cached = stepper.length
+    logits = stepper.feed(np.asarray(prompt_ids[cached:], dtype=np.int64))
     prefill_s = perf_counter() - start
     seen = np.zeros(logits.shape[-1], dtype=bool)  # tokens in the sequence, for the repetition penalty
     seen[np.asarray(prompt_ids)] = True
@@ -75,8 +98,11 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
     token = pick(logits)
     first_token_s = perf_counter() - start
     sampling_s = first_token_s - prefill_s
-    produced, decode_runs, decode_s, reason = 0, 0, 0.0, "stopped"
+    produced, decoded, decode_s, reason = 0, 0, 0.0, "stopped"
     step_ids = np.zeros(1, dtype=np.int64)
+    lookup = _lookup(sampler, constraint, observe, stepper, prompt_ids)
+    drafted: list[int] = []  # tokens a verification kept: already in the cache, still to be yielded
+    proposed = accepted = 0
     try:
         while True:
             if token in eos:
@@ -94,21 +120,66 @@ def decode_tokens(decoder: DecoderSession, prompt_ids: Sequence[int], max_new_to
             if constraint is not None and constraint.finished:
                 reason = "eos"  # the grammar is complete: nothing more may follow
                 break
+            if drafted:
+                token = drafted.pop(0)
+                continue
             step = perf_counter()
-            step_ids[0] = token
-            logits = stepper.feed(step_ids)
-            sampled = perf_counter()
-            token = pick(logits)
-            done = perf_counter()
-            decode_s += done - step
-            sampling_s += done - sampled
-            decode_runs += 1
+            if lookup is not None:
+                lookup.push(token)
+                # room: the draft and the token fit in the run, and no more is drafted than may be yielded
+                room = min(stepper.capacity - stepper.length - 1, max_new_tokens - produced - 1)
+                draft = lookup.draft(room)
+            else:
+                draft = []
+            if draft:
+                token, drafted = _verify(stepper, token, draft, lookup)
+                decoded += 1 + len(drafted)
+                proposed, accepted = proposed + len(draft), accepted + len(drafted)
+            else:
+                step_ids[0] = token
+                logits = stepper.feed(step_ids)
+                sampled = perf_counter()
+                token = pick(logits)
+                sampling_s += perf_counter() - sampled
+                decoded += 1
+            decode_s += perf_counter() - step
+            if drafted:  # the kept draft comes first; the model's own next token after it
+                token, drafted = drafted[0], drafted[1:] + [token]
     finally:
+        if cache is not None:
+            cache.put(stepper)
         if report is not None:
             report(GenerationStats(
                 prompt_tokens=len(prompt_ids), generated_tokens=produced, prefill_seconds=prefill_s,
-                decode_seconds=decode_s, decode_tokens_per_s=decode_runs / decode_s if decode_s > 0 else 0.0,
-                time_to_first_token_s=first_token_s, finish_reason=reason, sampling_seconds=sampling_s))
+                decode_seconds=decode_s, decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
+                time_to_first_token_s=first_token_s, finish_reason=reason, sampling_seconds=sampling_s,
+                draft_tokens=proposed, accepted_tokens=accepted, cached_tokens=cached))
+
+
+def _lookup(sampler: Sampler, constraint: TokenConstraint | None, observe: object, stepper: Stepper,
+            prompt_ids: Sequence[int]) -> PromptLookup | None:
+    """A prompt lookup where speculation is exact: plain greedy argmax of each position's logits."""
+    p = sampler.params
+    plain_greedy = p.temperature == 0 and p.repetition_penalty == 1.0 and not sampler.counts_tokens
+    if not (p.prompt_lookup and plain_greedy and constraint is None and observe is None
+            and getattr(stepper, "can_verify", False)):
+        return None
+    return PromptLookup(prompt_ids, p.prompt_lookup)
+
+
+def _verify(stepper: Stepper, token: int, draft: list[int], lookup: PromptLookup) -> tuple[int, list[int]]:
+    """Run `token` + `draft` at once; (the model's next token, the draft tokens it agreed with).
+    The cache keeps `token` and the agreed tokens; the rest is rewound."""
+    start = stepper.length
+    picks = np.argmax(stepper.verify(np.asarray([token, *draft], dtype=np.int64)), axis=-1)
+    kept = 0
+    while kept < len(draft) and draft[kept] == picks[kept]:
+        kept += 1
+    stepper.rewind(start + 1 + kept)
+    lookup.accepted(len(draft), kept)
+    for agreed in draft[:kept]:
+        lookup.push(agreed)
+    return int(picks[kept]), draft[:kept]
 
 
 class StopFilter:

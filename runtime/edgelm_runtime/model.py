@@ -15,22 +15,19 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from edgelm_runtime.adapters import BundleAdapters, adapter_decoder
+from edgelm_runtime.batch import BatchDecoder
 from edgelm_runtime.bundle import MANIFEST_FILE, Manifest, resolve_inside, verify_bundle
 from edgelm_runtime.constrained import GrammarTokenizer, TokenConstraint, grammar_spec
 from edgelm_runtime.encoder import EncoderModel, open_encoder, wrong_task
 from edgelm_runtime.errors import BundleError, GenerationError, TemplateError
 from edgelm_runtime.generate import GenerationStats, StopFilter, decode_tokens
 from edgelm_runtime.history import fit_messages
-from edgelm_runtime.prompts import DEFAULT_CLASSIFY, Classification, PromptTemplate, read_prompts, template_from_dict
+from edgelm_runtime.kv_reuse import DEFAULT_BUDGET_MB, PrefixCache
+from edgelm_runtime.prompt_tasks import PromptTasks
+from edgelm_runtime.prompts import PromptTemplate, read_prompts
 from edgelm_runtime.sampling import Sampler, SamplingParams
-from edgelm_runtime.scoring import (
-    DEFAULT_SCORING,
-    aggregate,
-    check_scoring,
-    continuation_logprobs,
-    label_convention,
-    split_continuations,
-)
+from edgelm_runtime.scoring import continuation_logprobs
 from edgelm_runtime.session import DecoderSession, open_decoder
 from edgelm_runtime.static import StaticDecoderSession
 from edgelm_runtime.templates import ChatTemplate
@@ -41,14 +38,17 @@ Messages = list[dict[str, Any]]
 
 
 def load_bundle(path: str | Path, verify: bool = False, threads: int | None = None,
-                provider: str | None = None, manifest: Manifest | None = None) -> LanguageModel | EncoderModel:
+                provider: str | None = None, manifest: Manifest | None = None,
+                kv_cache_mb: float = DEFAULT_BUDGET_MB) -> LanguageModel | EncoderModel:
     """Open a bundle folder: a LanguageModel for a text-generation bundle, an EncoderModel for an
     encoder bundle (manifest `encoder`: embed(), classify() or tag(), as its task says).
     File sizes are always checked; verify=True also checks every sha256.
     `threads` overrides the manifest's intra-op thread count (0 = onnxruntime's default);
     `provider` the manifest's execution provider (e.g. run a GPU bundle on the CPU to check it).
     `manifest`: open the folder with this manifest instead of its manifest.json (edgelm build
-    checks a bundle's quality before it writes the manifest, once)."""
+    checks a bundle's quality before it writes the manifest, once).
+    `kv_cache_mb`: the KV caches of recent runs kept for prompts that start the same way
+    (kv_reuse.PrefixCache: a chat's next turn, the next few-shot classify call); 0 turns it off."""
     folder = Path(path)
     manifest = verify_bundle(folder, manifest=manifest, check_hashes=verify)
     tokenizer = BundleTokenizer.from_file(resolve_inside(folder, manifest.tokenizer_file, "tokenizer_file"))
@@ -70,7 +70,8 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
         resolve_inside(folder, manifest.static.decode_model_file, "static.decode_model_file")
     decoder = open_decoder(resolve_inside(folder, manifest.model_file, "model_file"), manifest, threads, provider,
                            decode_path)
-    llm = LanguageModel(folder, manifest, decoder, tokenizer, template, prompts)
+    llm = LanguageModel(folder, manifest, decoder, tokenizer, template, prompts,
+                        PrefixCache.for_decoder(decoder, kv_cache_mb, manifest.max_seq_len))
     try:
         llm.sampling_params()  # the manifest's generation defaults must be valid sampling settings
     except GenerationError as exc:
@@ -79,14 +80,15 @@ def load_bundle(path: str | Path, verify: bool = False, threads: int | None = No
     return llm
 
 
-CONTENT_FREE = "N/A"  # the content-free input of contextual calibration (Zhao et al., 2021)
-
-class LanguageModel:
+class LanguageModel(PromptTasks):
     """A loaded bundle. Not thread-safe: serve one request at a time per instance."""
 
     def __init__(self, path: Path, manifest: Manifest, decoder: DecoderSession, tokenizer: BundleTokenizer,
-                 chat_template: ChatTemplate, prompts: dict[str, PromptTemplate] | None = None) -> None:
+                 chat_template: ChatTemplate, prompts: dict[str, PromptTemplate] | None = None,
+                 cache: PrefixCache | None = None) -> None:
         self._prompts = dict(prompts or {})
+        self.kv_cache = cache
+        self._batch: BatchDecoder | None = None
         self._path = path
         self._manifest = manifest
         self._decoder = decoder
@@ -94,6 +96,28 @@ class LanguageModel:
         self._chat_template = chat_template
         self.last_stats: GenerationStats | None = None
         self._grammar_tokenizer: GrammarTokenizer | None = None  # built on the first constrained generation
+        # runtime LoRA adapters (edgelm_runtime.adapters): with_adapter(name) views share this session
+        self.adapter: str | None = None
+        self._adapters, self._base = BundleAdapters(path, manifest), self
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the bundle's runtime LoRA adapters (manifest `runtime_adapters`)."""
+        return self._adapters.names
+
+    def with_adapter(self, name: str | None) -> LanguageModel:
+        """This bundle with the runtime adapter `name` active (None: the base model): a view sharing
+        the session, tokenizer and templates, made once per name (adapters.BundleAdapters.view)."""
+        return self._base if name is None else self._adapters.view(name, self._base._decoder, self._base._adapter_view)
+
+    def _adapter_view(self, name: str, decoder: DecoderSession) -> LanguageModel:
+        view = LanguageModel(self._path, self._manifest, decoder, self._tokenizer, self._chat_template, self._prompts,
+                             self.kv_cache)  # one prefix cache: runs of different adapters never match
+        view.adapter, view._adapters, view._base = name, self._adapters, self
+        return view
+
+    def _view(self, adapter: str | None) -> LanguageModel:
+        return self if adapter is None else self.with_adapter(adapter)
 
     @property
     def path(self) -> Path:
@@ -126,39 +150,46 @@ class LanguageModel:
             top_k=defaults.top_k if top_k is None else top_k,
             top_p=defaults.top_p if top_p is None else top_p,
             repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-            seed=seed, presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0)
+            seed=seed, presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
+            prompt_lookup=defaults.prompt_lookup)
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> str:
+                 seed: int | None = None, stop: list[str] | None = None, adapter: str | None = None,
+                 **constraint: Any) -> str:
         """The text after `prompt`. `constraint`: at most one of json_schema=, regex=, choices=,
-        grammar= (constrained.grammar_spec), which the output then follows token by token."""
+        grammar= (constrained.grammar_spec), which the output then follows token by token.
+        `adapter`: a runtime LoRA adapter's name (`adapters`) for this call (as with_adapter)."""
         return "".join(self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                                            repetition_penalty, seed, stop, **constraint))
+                                            repetition_penalty, seed, stop, adapter=adapter, **constraint))
 
     def generate_stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None,
                         repetition_penalty: float | None = None, seed: int | None = None,
-                        stop: list[str] | None = None, **constraint: Any) -> Iterator[str]:
+                        stop: list[str] | None = None, adapter: str | None = None, **constraint: Any) -> Iterator[str]:
+        model = self._view(adapter)  # an unknown adapter fails here, before any work
         matcher = self.constraint(**constraint)  # before any work: a bad schema generates nothing
         ids = self._tokenizer.encode(prompt, add_special_tokens=True)
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
-        return self._stream_text(ids, max_new_tokens, sampling, stop, matcher)
+        return model._stream_text(ids, max_new_tokens, sampling, stop, matcher)
 
     def chat(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> str:
-        """The assistant's reply to `messages` (constraint as in generate())."""
+             seed: int | None = None, stop: list[str] | None = None, adapter: str | None = None,
+             **constraint: Any) -> str:
+        """The assistant's reply to `messages` (constraint and adapter as in generate())."""
         return "".join(self.chat_stream(messages, max_new_tokens, temperature, top_k, top_p,
-                                        repetition_penalty, seed, stop, **constraint))
+                                        repetition_penalty, seed, stop, adapter=adapter, **constraint))
 
     def chat_stream(self, messages: Messages, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                    seed: int | None = None, stop: list[str] | None = None, **constraint: Any) -> Iterator[str]:
+                    seed: int | None = None, stop: list[str] | None = None, adapter: str | None = None,
+                    **constraint: Any) -> Iterator[str]:
+        model = self._view(adapter)
         matcher = self.constraint(**constraint)
         sampling = self.sampling_params(temperature, top_k, top_p, repetition_penalty, seed)
         ids = self.chat_prompt_ids(messages, max_new_tokens)
-        return self._stream_text(ids, max_new_tokens, sampling, stop, matcher)
+        return model._stream_text(ids, max_new_tokens, sampling, stop, matcher)
 
     def constraint(self, json_schema: Any = None, regex: str | None = None, choices: Sequence[str] | None = None,
                    grammar: str | None = None) -> TokenConstraint | None:
@@ -202,8 +233,10 @@ class LanguageModel:
 
     def generate_tokens(self, input_ids: Sequence[int], max_new_tokens: int | None = None,
                         sampling: SamplingParams | None = None, constraint: TokenConstraint | None = None,
-                        observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
-        """New token ids after `input_ids` (eos not included); sets `last_stats` when done.
+                        observe: Callable[[np.ndarray, int], None] | None = None,
+                        report: Callable[[GenerationStats], None] | None = None) -> Iterator[int]:
+        """New token ids after `input_ids` (eos not included); sets `last_stats` when done, or
+        calls `report` with them instead (concurrent callers: each gets its own).
         `constraint` (from constraint()) and `observe` as in generate.decode_tokens."""
         ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len - 1)
         if max_new_tokens is None:
@@ -211,13 +244,19 @@ class LanguageModel:
         _check_max_new_tokens(max_new_tokens)
         self.last_stats = None
         return decode_tokens(self._decoder, ids, max_new_tokens, Sampler(sampling or self.sampling_params()),
-                             self._manifest.eos_token_ids, self._manifest.max_seq_len, self._record_stats,
-                             constraint, observe)
+                             self._manifest.eos_token_ids, self._manifest.max_seq_len, report or self._record_stats,
+                             constraint, observe, cache=self._base._batch or self.kv_cache)
 
-    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+    def enable_batching(self, slots: int) -> BatchDecoder:
+        """Let up to `slots` generations from concurrent threads share each decode step
+        (batch.BatchDecoder; what `edgelm serve --parallel N` does). Returns the engine."""
+        self._batch = BatchDecoder(self._decoder, slots, self._manifest.max_seq_len, self.kv_cache)
+        return self._batch
+
+    def logits(self, input_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
         """Logits (S, V) float32 at every position of `input_ids`, from one prefill run."""
         ids = self._check_prompt(input_ids, limit=self._manifest.max_seq_len)
-        logits, _ = self._decoder.run(np.asarray([ids], dtype=np.int64), None)
+        logits, _ = self._view(adapter)._decoder.run(np.asarray([ids], dtype=np.int64), None)
         return logits[0]
 
     def continuation_logprobs(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -228,93 +267,7 @@ class LanguageModel:
         ids = self._check_prompt(input_ids=prompt_ids, limit=self._manifest.max_seq_len - longest)
         for tokens in continuations:
             self._check_prompt(tokens, limit=longest)
-        return continuation_logprobs(self._decoder, ids, continuations)
-
-    @property
-    def templates(self) -> dict[str, PromptTemplate]:
-        """The bundle's prompt templates by name (zero/few-shot classification and free prompts)."""
-        return dict(self._prompts)
-
-    def template(self, name: str) -> PromptTemplate:
-        if name not in self._prompts:
-            raise TemplateError(f"no prompt template {name!r} in {self._path.name}",
-                                hint=f"templates here: {', '.join(sorted(self._prompts)) or 'none'}")
-        return self._prompts[name]
-
-    def render(self, name: str, **variables: Any) -> str:
-        """A generate template's prompt with its variables filled (missing/unknown ones raise)."""
-        return self.template(name).render(**variables)
-
-    def complete(self, name: str, /, max_new_tokens: int | None = None, sampling: SamplingParams | None = None,
-                 **variables: Any) -> str:
-        """Render a generate template and continue it; stops at the template's stop strings.
-        (`max_new_tokens` and `sampling` are reserved: templates cannot use them as variables.)"""
-        template = self.template(name)
-        prompt = template.render(**variables)
-        schema = template.output_schema(**variables)  # a template that declares JSON output gets it, constrained
-        matcher = None if schema is None else self.constraint(json_schema=schema)
-        params = sampling or self.sampling_params()
-        ids = self._tokenizer.encode(prompt, add_special_tokens=True)
-        limit = max_new_tokens or template.max_new_tokens
-        stop = None if matcher else list(template.stop) or None  # the grammar ends it, not a stop string
-        return "".join(self._stream_text(ids, limit, params, stop, matcher))
-
-    def score(self, prompt: str, continuations: Sequence[str], scoring: str = DEFAULT_SCORING) -> list[float]:
-        """The score of each continuation after `prompt` (the prompt runs once): its tokens'
-        log-probabilities aggregated by `scoring` (edgelm_runtime.scoring.SCORINGS: "sum", "per_token"
-        (the mean, the default), "per_char", "per_byte").
-
-        The prompt and continuations are split into tokens as lm-eval splits them
-        (scoring.split_continuations), so a merge across the boundary is scored as the model sees it."""
-        check_scoring(scoring)
-        logprobs = self._logprobs(prompt, continuations, special_tokens=True)
-        return [aggregate(lp, text, scoring) for lp, text in zip(logprobs, continuations)]
-
-    def _logprobs(self, prompt: str, continuations: Sequence[str], special_tokens: bool) -> list[np.ndarray]:
-        context, tokens = split_continuations(lambda text: self._tokenizer.encode(text, special_tokens), prompt,
-                                              continuations)
-        return self.continuation_logprobs(context, tokens)
-
-    def classify(self, text: str, labels: Sequence[str] | None = None,
-                 examples: Sequence[tuple[str, str]] | None = None, template: str | None = None,
-                 shots: int | None = None, scoring: str | None = None, calibrate: bool | None = None) -> Classification:
-        """The label whose tokens score best after the prompt (`scoring`, as in score()).
-
-        `template` names a classify template of the bundle (its labels, few-shot pool, scoring,
-        format and calibration are the defaults); `examples` are the caller's own few-shot (text, label) pairs;
-        `shots` takes k of the template's pool, round-robin over the labels. A template with
-        `chat: true` asks in a user turn of the chat template and scores the label as the reply.
-        calibrate=True is contextual calibration ("calibrate before use"): each label's score after
-        a content-free input ("N/A") is subtracted, which divides out the prompt's own prior for it.
-        Where neither the call nor the template chooses, scoring.label_convention does: labels of one
-        token each "per_token" uncalibrated, labels of several tokens "sum" calibrated."""
-        chosen = self.template(template) if template else template_from_dict("classify", DEFAULT_CLASSIFY)
-        if chosen.kind != "classify":
-            raise TemplateError(f"template {template!r} is a generate template", hint=f"use llm.complete({template!r}, ...)")
-        if scoring is not None or chosen.scoring is not None:
-            scoring = check_scoring(scoring or chosen.scoring)
-        labels = list(labels or chosen.labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise GenerationError(f"labels {labels!r}: need two or more distinct labels",
-                                  hint='pass labels=["positive", "negative"] or a template that has them')
-
-        def scored(query: str) -> list[tuple[np.ndarray, str]]:
-            """Each label's token log-probabilities after the prompt for `query`, and its text as scored."""
-            prompt, before = chosen.classify_input(query, labels, examples, shots, self.render_chat)
-            answers = [before + label for label in labels]
-            # a chat template writes the special tokens (bos, role markers) itself
-            return list(zip(self._logprobs(prompt, answers, special_tokens=not chosen.chat), answers))
-
-        found = scored(text)
-        auto_scoring, auto_calibrate = label_convention([len(lp) for lp, _ in found])
-        scoring = scoring or auto_scoring
-        calibrate = next(c for c in (calibrate, chosen.calibrate, auto_calibrate) if c is not None)
-        values = {label: aggregate(lp, answer, scoring) for label, (lp, answer) in zip(labels, found)}
-        if calibrate:
-            values = {label: values[label] - aggregate(lp, answer, scoring)
-                      for label, (lp, answer) in zip(labels, scored(CONTENT_FREE))}
-        return Classification(label=max(labels, key=values.__getitem__), scores=values, scoring=scoring,
-                              calibrated=calibrate)
+        return continuation_logprobs(self._decoder, ids, continuations, self.kv_cache)
 
     def embed(self, *_: object, **__: object) -> NoReturn:
         raise wrong_task(self._path, "text-generation", "embed()", "feature-extraction")
@@ -340,9 +293,10 @@ class LanguageModel:
 
     def stream_ids(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
                    stop: list[str] | None = None, constraint: TokenConstraint | None = None,
-                   observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[str]:
+                   observe: Callable[[np.ndarray, int], None] | None = None,
+                   report: Callable[[GenerationStats], None] | None = None) -> Iterator[str]:
         """Text pieces generated after the token ids `ids` (for servers that tokenize themselves)."""
-        return self._stream_text(list(ids), max_new_tokens, sampling, stop, constraint, observe)
+        return self._stream_text(list(ids), max_new_tokens, sampling, stop, constraint, observe, report)
 
     def check_request(self, ids: Sequence[int], max_new_tokens: int | None, stop: list[str] | None) -> None:
         """Raise now what generation would raise at its start: prompt length, max_new_tokens, stop."""
@@ -353,9 +307,10 @@ class LanguageModel:
 
     def _stream_text(self, ids: list[int], max_new_tokens: int | None, sampling: SamplingParams,
                      stop: list[str] | None, constraint: TokenConstraint | None = None,
-                     observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[str]:
+                     observe: Callable[[np.ndarray, int], None] | None = None,
+                     report: Callable[[GenerationStats], None] | None = None) -> Iterator[str]:
         stops = StopFilter(stop)  # checked now: a bad request fails before the stream starts
-        tokens = self.generate_tokens(ids, max_new_tokens, sampling, constraint, observe)
+        tokens = self.generate_tokens(ids, max_new_tokens, sampling, constraint, observe, report)
         return self._text_pieces(tokens, stops)
 
     def _text_pieces(self, tokens: Iterator[int], stops: StopFilter) -> Iterator[str]:

@@ -61,6 +61,7 @@ class Prepared:
     constraint: Callable[[], TokenConstraint | None] = lambda: None
     tools: ToolRequest | None = None
     tool_syntax: Syntax = "hermes"
+    llm: LanguageModel | None = None  # the model the request named: the bundle, or one of its adapters
 
 
 def _off(allowed: str, test: Any) -> tuple[str, Any]:
@@ -86,7 +87,7 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
     constraint (RequestError if anything is bad: nothing is generated for a bad request)."""
     body = parse_body(raw)
     check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-    check_model(body, llm.manifest.name)
+    llm = served_model(body, llm)
     stream = _flag(body.get("stream"), "stream")
     include_usage = _stream_options(body.get("stream_options"), stream)
     max_tokens = _max_tokens(body)
@@ -108,7 +109,8 @@ def prepare(raw: bytes, chat: bool, llm: LanguageModel, deadline: float | None =
         llm.check_request(ids, max_tokens, stop)
     except EdgelmRuntimeError as exc:
         raise bad(public(exc.message, llm.path), "messages" if chat else "prompt") from None
-    return Prepared(ids, max_tokens, sampling, stop, stream, include_usage, n, top_logprobs, constraint, tools, syntax)
+    return Prepared(ids, max_tokens, sampling, stop, stream, include_usage, n, top_logprobs, constraint, tools, syntax,
+                    llm)
 
 
 def _chat_prompt(body: dict[str, Any], llm: LanguageModel, max_tokens: int | None, deadline: float | None
@@ -181,6 +183,27 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
             raise bad(f"unknown field {show(name)} (this server does not support it)", param(name))
         if name in _OFF and not _OFF[name][1](value):
             raise bad(f"{name} is not supported here: send {_OFF[name][0]} or leave it out", name)
+
+
+def served_model(body: dict[str, Any], llm: LanguageModel) -> LanguageModel:
+    """The model a request names: the bundle (its name, or `model` left out) or one of its runtime
+    LoRA adapters as "<bundle>:<adapter>" (as /v1/models lists them); anything else is a 404."""
+    model, name = body.get("model"), llm.manifest.name
+    if model is None or model == name:
+        return llm
+    check_text(model, "model")
+    base, _, adapter = model.rpartition(":")
+    if base == name and adapter in llm.adapters:
+        return llm.with_adapter(adapter)
+    served = ", ".join(repr(m) for m in model_ids(llm))
+    raise RequestError(404, f"model {show(model)} is not served here; this endpoint serves {served}", "model",
+                       code="model_not_found")
+
+
+def model_ids(model: Any) -> list[str]:
+    """The ids /v1/models lists for a served bundle: its name, then "<name>:<adapter>" for each adapter."""
+    name = model.manifest.name
+    return [name, *(f"{name}:{adapter}" for adapter in getattr(model, "adapters", []))]
 
 
 def check_model(body: dict[str, Any], served: str) -> None:

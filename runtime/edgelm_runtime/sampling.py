@@ -28,6 +28,10 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # speculative greedy decoding from prompt-lookup drafts of up to this many tokens (0 = off):
+    # plain greedy's output in fewer runs (generate.decode_tokens says where exactly). Ignored when
+    # sampling, with a penalty, a grammar or logprobs, and in a batch (edgelm serve --parallel > 1).
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         _check(self.temperature, "temperature", ">= 0 (0 = greedy)", lambda v: v >= 0)
@@ -36,6 +40,8 @@ class SamplingParams:
         _check(self.repetition_penalty, "repetition_penalty", "> 0 (1 = off)", lambda v: v > 0)
         for name in ("presence_penalty", "frequency_penalty"):
             _check(getattr(self, name), name, "in [-2, 2] (0 = off)", lambda v: -2 <= v <= 2)
+        _check(self.prompt_lookup, "prompt_lookup", "a whole number in [0, 64] (0 = off)",
+               lambda v: _is_whole(v) and 0 <= v <= 64)
         if self.seed is not None:
             _check(self.seed, "seed", "a whole number >= 0 or None", lambda v: _is_whole(v) and v >= 0)
 

@@ -1,15 +1,17 @@
 """Score continuations of a prompt by log-likelihood: the basis of zero/few-shot classification.
 
 The prompt runs once; each continuation then runs on the prompt's KV cache (ORT never writes to
-its inputs, so one past serves every continuation). No text is generated or parsed."""
+its inputs, so one past serves every continuation; with a prefix cache, each is rewound). No text is generated or parsed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from edgelm_runtime.errors import GenerationError
+from edgelm_runtime.kv_reuse import PrefixCache
 from edgelm_runtime.session import DecoderSession
 
 # How the log-probabilities of a continuation's tokens become its score (lm-eval's names in brackets):
@@ -36,8 +38,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def continuation_logprobs(decoder: DecoderSession, prompt_ids: Sequence[int],
-                          continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """For each continuation, the log-probability of each of its tokens after the prompt."""
+                          continuations: Sequence[Sequence[int]], cache: PrefixCache | None = None) -> list[np.ndarray]:
+    """For each continuation, the log-probability of each of its tokens after the prompt. With a
+    `cache`, the prompt starts from the cached run that shares its longest prefix (a few-shot
+    prompt's instruction and examples), and each continuation runs on it and is rewound."""
+    if cache is not None:
+        return _reusing(cache, list(prompt_ids), continuations, decoder.bound_inputs)
     logits, past = decoder.run(np.asarray([prompt_ids], dtype=np.int64), None, last_only=True)
     first = log_softmax(logits[0, -1])
     scores = []
@@ -50,6 +56,26 @@ def continuation_logprobs(decoder: DecoderSession, prompt_ids: Sequence[int],
             logprobs += [rest[i, t] for i, t in enumerate(tokens[1:])]
         scores.append(np.asarray(logprobs))
     return scores
+
+
+def _reusing(cache: PrefixCache, prompt_ids: list[int], continuations: Sequence[Sequence[int]],
+             inputs: Any) -> list[np.ndarray]:
+    longest = max(len(tokens) for tokens in continuations)
+    stepper = cache.take(prompt_ids, len(prompt_ids) + longest, inputs)
+    try:
+        first = log_softmax(stepper.feed(np.asarray(prompt_ids[stepper.length:], dtype=np.int64)))
+        scores = []
+        for tokens in continuations:
+            tokens = [int(t) for t in tokens]
+            logprobs = [first[tokens[0]]]
+            if len(tokens) > 1:
+                rest = log_softmax(stepper.verify(np.asarray(tokens[:-1], dtype=np.int64)))
+                stepper.rewind(len(prompt_ids))
+                logprobs += [rest[i, t] for i, t in enumerate(tokens[1:])]
+            scores.append(np.asarray(logprobs))
+        return scores
+    finally:
+        cache.put(stepper)
 
 
 def split_continuations(encode: Callable[[str], list[int]], prompt: str,

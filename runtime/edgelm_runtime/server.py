@@ -3,9 +3,10 @@
 A decoder bundle serves POST /v1/chat/completions and /v1/completions (both with SSE streaming),
 an encoder bundle its task's endpoint (encoder_server.py: /v1/embeddings, /v1/classify, /v1/tag),
 and an embedding bundle may add /v1/embeddings beside another; always GET /v1/models, GET /health.
-Any other known endpoint is a 404 naming what this server serves. One model run at a time (a model
-is not thread-safe and two would only share the same cores); up to `queue_limit` more wait, beyond
-that 429. A client that disconnects (queued or running) stops its run at the next token or batch.
+Any other known endpoint is a 404 naming what this server serves. One model run at a time (two
+would only share the same cores), or with `parallel` N up to N generations whose decode steps run
+as one batch (batch.py: each step reads the weights once for all of them); up to `queue_limit`
+more wait, beyond that 429. A client that disconnects (queued or running) stops its run at the next token or batch.
 
 The event loop only moves bytes: parsing, checking, rendering, tokenizing and trimming a request
 run in a small thread pool under a deadline (503 past it), so no request can stall /health or the
@@ -42,7 +43,7 @@ from edgelm_runtime.encoder import EncoderModel
 from edgelm_runtime.encoder_server import ENCODER_ENDPOINTS, check_embeddings, encoder_handlers
 from edgelm_runtime.errors import GenerationError
 from edgelm_runtime.model import LanguageModel
-from edgelm_runtime.requests import RequestError, prepare_timeout, public
+from edgelm_runtime.requests import RequestError, model_ids, prepare_timeout, public
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
@@ -73,11 +74,12 @@ def check_api_key(api_key: str | None) -> None:
 
 
 class Gate:
-    """One model run at a time, at most `queue_limit` waiting. Released by the run's worker
-    finishing (not by the request), so a client that goes away cannot leak the model."""
+    """`slots` model runs at a time (1, or --parallel N generations batched), at most `queue_limit`
+    waiting. Released by the run's worker finishing (not by the request), so a client that goes
+    away cannot leak the model."""
 
-    def __init__(self, queue_limit: int) -> None:
-        self._lock = asyncio.Lock()
+    def __init__(self, queue_limit: int, slots: int = 1) -> None:
+        self._lock = asyncio.Semaphore(slots)
         self._waiting = 0
         self._limit = queue_limit
 
@@ -99,10 +101,13 @@ class Http:
     """What every endpoint shares: the API key check, bounded body reads, the prepare pool under its
     deadline, the gate, and error bodies without a path of this machine (`folders`: the bundles)."""
 
-    def __init__(self, limits: Limits, api_key: str | None, gate: Gate, folders: Sequence[Path]) -> None:
+    def __init__(self, limits: Limits, api_key: str | None, gate: Gate, folders: Sequence[Path],
+                 parallel: int = 1) -> None:
         self.limits, self.gate, self._api_key, self._folders = limits, gate, api_key, tuple(folders)
         self._uploads = 0
         self._preparing = ThreadPoolExecutor(limits.prepare_threads, thread_name_prefix="edgelm-prepare")
+        # the model runs: one thread per slot the gate lets through (the default pool may have fewer)
+        self.workers = ThreadPoolExecutor(parallel, thread_name_prefix="edgelm-run")
 
     def authorize(self, request: Request) -> None:
         """With an API key, every /v1 request needs `Authorization: Bearer KEY` (constant-time check)."""
@@ -157,7 +162,7 @@ class Http:
         await until_gone(request, self.gate.acquire())
         cancelled = threading.Event()
         try:
-            worker = asyncio.get_running_loop().run_in_executor(None, work, cancelled)
+            worker = asyncio.get_running_loop().run_in_executor(self.workers, work, cancelled)
         except BaseException:
             self.gate.release()
             raise
@@ -209,13 +214,16 @@ def endpoints(model: Served) -> tuple[str, ...]:
 
 def create_app(model: Served, queue_limit: int = 8, max_body_bytes: int = MAX_BODY_BYTES,
                api_key: str | None = None, limits: Limits | None = None,
-               embeddings: EncoderModel | None = None) -> Starlette:
+               embeddings: EncoderModel | None = None, parallel: int = 1) -> Starlette:
     """The app for `model` (a decoder or an encoder bundle) and, with `embeddings`, /v1/embeddings
-    from that feature-extraction bundle beside it. Both share one gate: they share the cores."""
+    from that feature-extraction bundle beside it. Both share one gate: they share the cores.
+    `parallel` > 1: that many generations run at once, their decode steps batched."""
     check_api_key(api_key)
     models = [model] if embeddings is None else [model, check_embeddings(model, embeddings)]
     limits = limits or Limits(max_body_bytes=max_body_bytes)
-    http = Http(limits, api_key, Gate(queue_limit), [m.path for m in models])
+    if parallel > 1 and model.manifest.task == "text-generation":
+        model.enable_batching(parallel)
+    http = Http(limits, api_key, Gate(queue_limit, parallel), [m.path for m in models], parallel)
     handlers: dict[str, Handler] = {}
     for served in models:
         handlers |= (decoder_handlers(served, http) if served.manifest.task == "text-generation"
@@ -232,8 +240,8 @@ def create_app(model: Served, queue_limit: int = 8, max_body_bytes: int = MAX_BO
 
     async def model_list(request: Request) -> Response:
         http.authorize(request)
-        return JSONResponse({"object": "list", "data": [{"id": m.manifest.name, "object": "model", "created": 0,
-                                                         "owned_by": "edgelm"} for m in models]})
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "edgelm"}
+                                                        for m in models for name in model_ids(m)]})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": models[0].manifest.name})
@@ -271,11 +279,12 @@ def _peer(request: Request) -> str:
 
 
 def serve(model: Served, host: str = "127.0.0.1", port: int = 8000, queue_limit: int = 8,
-          api_key: str | None = None, limits: Limits | None = None, embeddings: EncoderModel | None = None) -> None:
+          api_key: str | None = None, limits: Limits | None = None, embeddings: EncoderModel | None = None,
+          parallel: int = 1) -> None:
     if api_key is None and os.environ.get("EDGELM_API_KEY") == "":  # set but empty: click reads it as unset
         check_api_key("")
     # refuses an empty key (or bundles that cannot be served together) before binding
-    app = create_app(model, queue_limit, api_key=api_key, limits=limits, embeddings=embeddings)
+    app = create_app(model, queue_limit, api_key=api_key, limits=limits, embeddings=embeddings, parallel=parallel)
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -45,6 +45,10 @@ def session_options(manifest: Manifest, threads: int | None = None) -> ort.Sessi
     options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
     options.intra_op_num_threads = intra
     options.inter_op_num_threads = 1  # one decoder graph run at a time: no parallel branches to feed
+    if getattr(manifest, "runtime_adapters", ()):
+        # each optional LoRA input has a default initializer, and onnxruntime warns about every one
+        # at load ("initializer appears in graph inputs": ~420 lines for SmolLM2); errors still show
+        options.log_severity_level = 3
     return options
 
 
@@ -133,16 +137,22 @@ class DecoderSession:
     def providers(self) -> list[str]:
         return self._session.get_providers()
 
-    def stepper(self, capacity: int) -> Stepper:
-        """A single-sequence runner for generation, bound once with onnxruntime's IO binding."""
-        return Stepper(self, capacity)
+    @property
+    def bound_inputs(self) -> dict[str, ort.OrtValue] | None:
+        """Extra graph inputs every stepper binds (a runtime adapter's tensors: adapters.py)."""
+        return None
+
+    def stepper(self, capacity: int, inputs: dict[str, ort.OrtValue] | None = None) -> Stepper:
+        """A single-sequence runner for generation, bound once with onnxruntime's IO binding;
+        `inputs` (default: bound_inputs) are bound to every run beside the decoder's own."""
+        return Stepper(self, capacity, self.bound_inputs if inputs is None else inputs)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self._kv.num_kv_heads, 0, self._kv.head_dim)
         return [np.zeros(shape, dtype=self._kv_dtype) for _ in self._past_names]
 
     def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
-            last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+            last_only: bool = False, run_options: ort.RunOptions | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits (B, S, V) float32 for `input_ids` (B, S) int64 after `past`, and the new present tensors.
 
         `past` is [layer0 key, layer0 value, layer1 key, ...]; None means an empty cache. Pass the
@@ -162,7 +172,7 @@ class DecoderSession:
         if io.logits_to_keep:
             feed[io.logits_to_keep] = np.asarray([1 if last_only else seq], dtype=np.int64)
         feed.update(zip(self._past_names, past))
-        logits, *present = self._session.run(self._output_names, feed)
+        logits, *present = self._session.run(self._output_names, feed, run_options)
         if last_only:
             logits = logits[:, -1:]
         return logits.astype(np.float32, copy=False), present
@@ -207,10 +217,15 @@ class Stepper:
     Otherwise the present tensors onnxruntime allocates are bound back as the next past, never
     converted to numpy. The returned logits (V,) are a view, valid until the next `feed`."""
 
-    def __init__(self, decoder: DecoderSession, capacity: int) -> None:
+    def __init__(self, decoder: DecoderSession, capacity: int, inputs: dict[str, ort.OrtValue] | None = None) -> None:
         kv, io = decoder._kv, decoder._io
         self._decoder, self._io, self.capacity, self.length = decoder, io, capacity, 0
+        self.inputs = inputs
         self._binding = decoder._session.io_binding()
+        # a runtime adapter's tensors: bound, because onnxruntime 1.32 ignores the active adapter
+        # of RunOptions under IO binding (measured: the base model's outputs)
+        for name, value in (inputs or {}).items():
+            self._binding.bind_ortvalue_input(name, value)
         self._mask = np.ones((1, capacity), dtype=np.int64)
         self._logits = np.empty((1, 1, decoder.vocab_size), dtype=np.float32)
         self._shared = kv.share_buffer and io.logits_to_keep is not None
@@ -220,11 +235,13 @@ class Stepper:
         else:
             self._binding.bind_output(io.logits, "cpu")
         self._device = cache_device(decoder._session)
+        self.tokens: list[int] = []  # what the cache holds, position by position
+        self._arrays: list[np.ndarray] = []  # the host cache, where it lives on the host
         if self._shared:
             shape = (1, kv.num_kv_heads, capacity, kv.head_dim)
             if self._device == "cpu":
-                self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=decoder._kv_dtype))
-                               for _ in decoder._past_names]
+                self._arrays = [np.zeros(shape, dtype=decoder._kv_dtype) for _ in decoder._past_names]
+                self._cache = [ort.OrtValue.ortvalue_from_numpy(array) for array in self._arrays]
             else:  # the cache lives on the accelerator: allocated there once, never copied to the host
                 self._cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder._kv_dtype.type, self._device, 0)
                                for _ in decoder._past_names]
@@ -251,6 +268,7 @@ class Stepper:
             binding.bind_cpu_input(io.position_ids, np.arange(self.length, total, dtype=np.int64)[None])
         self._decoder._session.run_with_iobinding(binding)
         self.length = total
+        self.tokens.extend(int(t) for t in token_ids)
         if not self._shared:
             outputs = binding.get_outputs()
             for past, present, value in zip(self._decoder._past_names, self._decoder._present_names, outputs[1:]):
@@ -260,3 +278,48 @@ class Stepper:
                 binding.bind_output(io.logits, "cpu")
                 return outputs[0].numpy()[0, -1]
         return self._logits[0, -1]
+
+    @property
+    def can_verify(self) -> bool:
+        """Whether `verify` and `rewind` work: one preallocated cache that the attention op
+        appends to (a rewound position is overwritten by the next feed) and logits per position."""
+        return self._shared
+
+    def verify(self, token_ids: np.ndarray) -> np.ndarray:
+        """Like `feed`, but the logits (S, V) of every position: one run checks a whole draft."""
+        seq, io, binding = len(token_ids), self._io, self._binding
+        logits = np.empty((1, seq, self._decoder.vocab_size), dtype=np.float32)
+        binding.bind_cpu_input(io.logits_to_keep, np.asarray([seq], dtype=np.int64))
+        binding.bind_ortvalue_output(io.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        try:
+            self.feed(token_ids)
+        finally:  # back to one position per run
+            binding.bind_cpu_input(io.logits_to_keep, np.ones(1, dtype=np.int64))
+            binding.bind_ortvalue_output(io.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        return logits[0]
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (a rejected draft); the next feed writes there."""
+        if not self._shared or not 0 <= length <= self.length:
+            raise GenerationError(f"cannot rewind a run of {self.length} tokens to {length}",
+                                  hint="rewind needs a bundle whose KV cache is one shared buffer (GroupQueryAttention)")
+        self.length = length
+        del self.tokens[length:]
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the cache can be kept for a later prompt (kv_reuse.PrefixCache): rewound, and
+        moved into a larger stepper when that prompt needs more room (the cache is on the host)."""
+        return self._shared and bool(self._arrays)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(array.nbytes for array in self._arrays)
+
+    def grown(self, capacity: int) -> Stepper:
+        """A stepper of `capacity` positions holding this one's cache and tokens (copied)."""
+        bigger = Stepper(self._decoder, capacity, self.inputs)
+        for old, new in zip(self._arrays, bigger._arrays):
+            new[:, :, :self.length] = old[:, :, :self.length]
+        bigger.length, bigger.tokens = self.length, list(self.tokens)
+        return bigger

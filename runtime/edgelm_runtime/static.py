@@ -111,7 +111,12 @@ class StaticDecoderSession:
         return StaticWindow(self._prefill, self._decode, self._layout, kv.num_layers, kv.num_kv_heads,
                             kv.head_dim, self._kv_dtype, self._io, past)
 
-    def stepper(self, capacity: int) -> StaticWindow:
+    bound_inputs = None
+
+    def stepper(self, capacity: int, inputs: object = None) -> StaticWindow:
+        if inputs is not None:
+            raise GenerationError("run-time adapters are not supported on fixed-shape (static) bundles",
+                                  hint="build the adapter into the bundle (--adapter-mode merge)")
         if capacity > self._layout.kv_window:
             raise GenerationError(f"the sequence would be {capacity} tokens; this bundle's KV window holds "
                                   f"{self._layout.kv_window}", hint="ask for fewer new tokens or a shorter prompt")

@@ -73,10 +73,13 @@ def test_the_default_convention_follows_the_labels_token_counts(llm):
     one, several = words[:2], [words[0], "quite negative indeed"]
     single = llm.classify("a fine film", labels=one)
     assert (single.scoring, single.calibrated) == ("per_token", False)
-    assert single.scores == llm.classify("a fine film", labels=one, scoring="per_token", calibrate=False).scores
+    # a repeated prompt reuses its cached prefix (kv_reuse): the same scores up to float rounding
+    assert single.scores == pytest.approx(llm.classify("a fine film", labels=one, scoring="per_token",
+                                                       calibrate=False).scores, abs=1e-6)
     multi = llm.classify("a fine film", labels=several)
     assert (multi.scoring, multi.calibrated) == ("sum", True)
-    assert multi.scores == llm.classify("a fine film", labels=several, scoring="sum", calibrate=True).scores
+    assert multi.scores == pytest.approx(llm.classify("a fine film", labels=several, scoring="sum",
+                                                      calibrate=True).scores, abs=1e-6)
     # the caller's choice wins over the rule, each part on its own
     assert llm.classify("a fine film", labels=several, calibrate=False).calibrated is False
     assert llm.classify("a fine film", labels=several, scoring="per_char").scoring == "per_char"
@@ -113,7 +116,7 @@ def test_the_prompt_continuation_boundary_is_split_as_lm_eval_splits_it():
 
 
 def test_a_chat_classify_template_scores_each_label_as_the_reply(llm, monkeypatch):
-    from edgelm_runtime import model, prompts
+    from edgelm_runtime import prompt_tasks as model, prompts
     from edgelm_runtime.scoring import split_continuations
 
     chat = {"kind": "classify", "instruction": "Answer with one of: {labels}.", "query": "{text}", "chat": True,
@@ -131,10 +134,11 @@ def test_a_chat_classify_template_scores_each_label_as_the_reply(llm, monkeypatc
 
 
 def test_a_template_that_declares_calibration_calibrates_unless_the_caller_says_no(llm, monkeypatch):
-    from edgelm_runtime import model
+    from edgelm_runtime import prompt_tasks as model
 
     labels = ["positive", "negative"]
     raw, calibrated = (llm.classify("a fine film", labels=labels, calibrate=c).scores for c in (False, True))
     monkeypatch.setattr(model, "DEFAULT_CLASSIFY", {**model.DEFAULT_CLASSIFY, "calibrate": True})
-    assert llm.classify("a fine film", labels=labels).scores == calibrated != raw
-    assert llm.classify("a fine film", labels=labels, calibrate=False).scores == raw
+    assert llm.classify("a fine film", labels=labels).scores == pytest.approx(calibrated, abs=1e-6)
+    assert calibrated != pytest.approx(raw, abs=1e-3)
+    assert llm.classify("a fine film", labels=labels, calibrate=False).scores == pytest.approx(raw, abs=1e-6)

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgelm.errors import StageError, write_error
 from edgelm.onnx_graph import reference_session, save_external
-from edgelm.pipeline.results import ExportResult
+from edgelm.pipeline.results import AdaptersResult, ExportResult
 from edgelm.pipeline.stage import BuildState, Progress
 from edgelm_runtime.bundle import ModelIO
 
@@ -232,6 +232,11 @@ class ExportOnnx:
             raise export_failure(exc, self.name) from exc
         progress(self.name, 0, None, "checking parity with PyTorch")
         parity = check_parity(state.model, state.tokenizer, path, settings.parity_atol, self.name)
+        kept = getattr(state.result(AdaptersResult), "kept", ())
+        if kept:  # runtime adapters: a LoRA path per adapted projection, empty by default (runtime_adapters.py)
+            from edgelm.stages.runtime_adapters import attach_lora
+
+            attach_lora(state, path, kept)
         state.reference_onnx = state.current_onnx = path
         state.graph_io = graph_io(fused)
         size = sum(p.stat().st_size for p in path.parent.iterdir())
