@@ -104,3 +104,15 @@ def test_batching_needs_a_shared_kv_buffer(tiny_bundle: Path, edit_manifest, tmp
     assert llm.kv_cache is None  # no shared buffer: no prefix reuse either
     with pytest.raises(GenerationError, match="cannot be batched"):
         llm.enable_batching(2)
+
+
+@pytest.mark.parametrize("option, message", [(["--parallel", "0"], "--parallel 0: must be 1 to 64"),
+                                             (["--kv-cache-mb", "-1"], "--kv-cache-mb -1.0: must be 0 to 65536")])
+def test_serve_refuses_bad_batching_options(tiny_bundle: Path, option: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", str(tiny_bundle), *option],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
