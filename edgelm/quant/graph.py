@@ -41,7 +41,7 @@ def module_path(node: onnx.NodeProto) -> str:
 
 
 def relative_module(path: str) -> str:
-    """A module path from "layers." on ("model.layers.3.mlp.up_proj" -> "layers.3.mlp.up_proj"), as
+    """A module path from "layers." on ("<prefix>.layers.3.<block>.<projection>" -> "layers.3.<block>.<projection>"), as
     graph nodes and adapter tensors both name it."""
     return path[path.index("layers."):] if "layers." in path else path
 

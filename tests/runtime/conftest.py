@@ -22,6 +22,18 @@ def llm(tiny_bundle: Path) -> er.LanguageModel:
     return er.load_bundle(tiny_bundle, threads=1)
 
 
+@pytest.fixture(scope="module")
+def cold(tiny_bundle: Path) -> er.LanguageModel:
+    """The tiny bundle without a prefix cache: every prompt prefills from scratch."""
+    return er.load_bundle(tiny_bundle, kv_cache_mb=0)
+
+
+@pytest.fixture
+def fresh(tiny_bundle: Path) -> er.LanguageModel:
+    """The tiny bundle with an empty prefix cache of its own."""
+    return er.load_bundle(tiny_bundle)
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny bundle that a test may damage."""

@@ -14,16 +14,15 @@ from edgelm_runtime.errors import GenerationError
 GREEDY = er.SamplingParams(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_bundle: Path) -> er.LanguageModel:
-    return er.load_bundle(tiny_bundle, kv_cache_mb=0)
+@pytest.fixture
+def alone(cold: er.LanguageModel) -> er.LanguageModel:
+    return cold
 
 
 @pytest.fixture
-def batched(tiny_bundle: Path) -> er.LanguageModel:
-    llm = er.load_bundle(tiny_bundle)
-    llm.enable_batching(4)
-    return llm
+def batched(fresh: er.LanguageModel) -> er.LanguageModel:
+    fresh.enable_batching(4)
+    return fresh
 
 
 def _prompts(llm: er.LanguageModel, count: int) -> list[list[int]]:

@@ -14,14 +14,9 @@ from edgelm_runtime.kv_reuse import PrefixCache
 GREEDY = er.SamplingParams(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def cold(tiny_bundle: Path) -> er.LanguageModel:
-    return er.load_bundle(tiny_bundle, kv_cache_mb=0)
-
-
 @pytest.fixture
-def warm(tiny_bundle: Path) -> er.LanguageModel:
-    return er.load_bundle(tiny_bundle)
+def warm(fresh: er.LanguageModel) -> er.LanguageModel:
+    return fresh
 
 
 def _turns(llm: er.LanguageModel, count: int, trim_after: int | None = None) -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """Give an exported decoder graph a runtime LoRA path on each adapted projection: y = x W (+ b) + x A B.
 
-A and B are optional graph inputs named after the module ("layers.3.self_attn.q_proj.lora_A",
+A and B are optional graph inputs named after the module ("layers.3.<block>.<projection>.lora_A",
 "...lora_B"), so every adapter of a bundle feeds the same names; their defaults are initializers
 of the same names with an empty rank dimension (A (in, 0), B (0, out)), so without an adapter the
 path adds exact zeros and the graph computes the base model. The rank dimension is symbolic: an
