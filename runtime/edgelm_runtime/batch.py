@@ -40,7 +40,6 @@ class BatchSlot:
         self._engine, self.stepper = engine, stepper
         self.capacity = stepper.capacity
         self.length = stepper.length
-        self.tokens = stepper.tokens
         self.row: int | None = None
         self.next_token = 0
         self.logits: np.ndarray | None = None
@@ -58,7 +57,7 @@ class BatchSlot:
                                   hint="ask for fewer new tokens")
         logits = self._engine.step(self, int(token_ids[0]))
         self.length += 1
-        self.tokens.append(int(token_ids[0]))
+        self.stepper.tokens.append(int(token_ids[0]))  # the row's cache, for reuse when it leaves
         return logits
 
 
@@ -70,7 +69,7 @@ class BatchDecoder:
     def __init__(self, decoder: DecoderSession, slots: int, max_seq_len: int, cache: PrefixCache | None = None) -> None:
         if slots < 1:
             raise GenerationError(f"a batch of {slots} slots is not valid", hint="pass --parallel 1 or more")
-        if not decoder.stepper(1).reusable:
+        if not decoder.host_shared_cache:
             raise GenerationError("this bundle's KV cache cannot be batched (it needs a shared KV buffer on the host)",
                                   hint="serve it with --parallel 1")
         kv, io = decoder._kv, decoder._io
@@ -200,7 +199,7 @@ class BatchDecoder:
         slot.row = -1
 
     def _keep(self, slot: BatchSlot) -> None:
-        slot.stepper.tokens[:] = slot.tokens[:slot.stepper.length]
+        del slot.stepper.tokens[slot.stepper.length:]  # what its cache holds after the copy back
         if self._cache is not None:
             self._cache.put(slot.stepper)
 

@@ -43,7 +43,7 @@ class PrefixCache:
     def for_decoder(cls, decoder: Any, budget_mb: float, max_seq_len: int) -> PrefixCache | None:
         """A cache for `decoder`, or None where reuse cannot work (a fixed-shape graph, a cache
         on an accelerator, a graph without a shared KV buffer) or is turned off (budget 0)."""
-        if budget_mb <= 0 or not isinstance(decoder, DecoderSession) or not decoder.stepper(1).reusable:
+        if budget_mb <= 0 or not isinstance(decoder, DecoderSession) or not decoder.host_shared_cache:
             return None
         return cls(decoder, int(budget_mb * 2**20), max_seq_len)
 

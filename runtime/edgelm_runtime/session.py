@@ -138,6 +138,13 @@ class DecoderSession:
         return self._session.get_providers()
 
     @property
+    def host_shared_cache(self) -> bool:
+        """Whether its steppers keep the KV cache in one shared buffer on the host, which prefix
+        reuse (kv_reuse.py) and batching (batch.py) copy, rewind and move between steppers."""
+        return bool(self._kv.share_buffer and self._io.logits_to_keep
+                    and cache_device(self._session) == "cpu")
+
+    @property
     def bound_inputs(self) -> dict[str, ort.OrtValue] | None:
         """Extra graph inputs every stepper binds (a runtime adapter's tensors: adapters.py)."""
         return None
@@ -310,7 +317,7 @@ class Stepper:
     def reusable(self) -> bool:
         """Whether the cache can be kept for a later prompt (kv_reuse.PrefixCache): rewound, and
         moved into a larger stepper when that prompt needs more room (the cache is on the host)."""
-        return self._shared and bool(self._arrays)
+        return self._decoder.host_shared_cache
 
     @property
     def cache_bytes(self) -> int:
